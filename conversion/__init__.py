@@ -1,0 +1,1 @@
+"""Checkpoint conversion, verification and the `nomic-moe` command line for Nomic Embed v2 MoE."""

@@ -1,0 +1,149 @@
+"""`nomic-moe`: convert, encode, synth and demo. Errors are one line plus the fix, exit code 2."""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+PUBLISHED_REPO = "nomic-ai/nomic-embed-text-v2-moe"
+CARD_EXAMPLES = ["Hello!", "¡Hola!"]  # the model card's example, both with the passage prompt
+
+
+def cmd_convert(a):
+    from .convert import convert
+
+    convert(a.src, a.out, dtype=a.dtype, tokenizer=a.tokenizer, force=a.force, check=not a.no_verify)
+
+
+def cmd_encode(a):
+    import torch
+
+    from .encode import Encoder
+
+    if not a.texts:
+        raise UserError("no texts given", "nomic-moe encode MODEL 'first text' 'second text'")
+    enc = Encoder(resolve_model(a.model), device=a.device)
+    emb = enc.encode(a.texts, prompt=a.prompt, dim=a.dim)
+    for text, e in zip(a.texts, emb):
+        print(json.dumps({"text": text, "prompt": a.prompt, "dim": len(e), "embedding": [round(v, 6) for v in e.tolist()]}))
+    if len(a.texts) > 1:
+        print_similarity(a.texts, emb @ emb.T)
+    return emb
+
+
+def print_similarity(texts, sim):
+    names = [t if len(t) <= 24 else t[:21] + "..." for t in texts]
+    w = max(len(n) for n in names)
+    print("cosine similarity", file=sys.stderr)
+    for n, row in zip(names, sim.tolist()):
+        print(f"  {n:<{w}}  " + "  ".join(f"{v:6.4f}" for v in row), file=sys.stderr)
+
+
+def resolve_model(model: str) -> Path:
+    from .convert import resolve_source
+
+    return resolve_source(model)
+
+
+def cmd_synth(a):
+    from .synthetic import make_published_checkpoint, real_size_shape
+
+    shape = real_size_shape() if a.real_size else {}
+    t0 = time.time()
+    folder = make_published_checkpoint(a.out, seed=a.seed, **shape)
+    print(f"wrote a random checkpoint in the published layout to {folder} ({time.time() - t0:.1f}s)", file=sys.stderr)
+
+
+def find_real_checkpoint():
+    """The published checkpoint from the local Hub cache, or None. Never goes to the network."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(PUBLISHED_REPO, local_files_only=True))
+    except Exception:
+        return None
+
+
+def cmd_demo(a):
+    from .convert import convert
+    from .encode import Encoder
+    from .synthetic import make_published_checkpoint
+
+    work = Path(a.workdir)
+    src = Path(a.src) if a.src else find_real_checkpoint()
+    synthetic = src is None
+    if synthetic:
+        print(
+            f"note: {PUBLISHED_REPO} is not in the local Hub cache, so this demo runs on a SMALL RANDOM "
+            "checkpoint in the published layout with a small trained tokenizer. Its weights are synthetic: "
+            "the pipeline is real, the similarities are meaningless.",
+            file=sys.stderr,
+        )
+        src = make_published_checkpoint(work / "synthetic-source", seed=0)
+    else:
+        print(f"using the checkpoint at {src}", file=sys.stderr)
+    out = convert(str(src), str(work / "converted"), force=True)
+    enc = Encoder(out)
+    emb = enc.encode(CARD_EXAMPLES, prompt="passage")
+    cos = float(emb[0] @ emb[1])
+    print_similarity([f"passage: {t}" for t in CARD_EXAMPLES], emb @ emb.T)
+    print(f"cosine('Hello!', '¡Hola!') with the passage prompt: {cos:.4f}" + ("  (real model: 0.9118)" if not synthetic else "  (synthetic weights)"))
+    q = enc.encode(["What food did they eat?"], prompt="query")
+    d = enc.encode(["The settlers ate bread and fish.", "Thunderstorms are expected today."], prompt="document")
+    print(f"query vs documents: {[round(v, 4) for v in (q @ d.T)[0].tolist()]}")
+    print(f"converted model: {out}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="nomic-moe", description="Nomic Embed v2 MoE: convert, verify, encode.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="published checkpoint -> our Hub-ready format, verified")
+    c.add_argument("src", help="checkpoint folder or Hub repo id (the local Hub cache works offline)")
+    c.add_argument("out", help="output folder (written atomically)")
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the weights (default: keep)")
+    c.add_argument("--tokenizer", help="folder with the tokenizer, if SRC has none")
+    c.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    c.add_argument("--no-verify", action="store_true", help="skip the comparison with the reference")
+    c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser("encode", help="print embeddings as JSON lines, and their cosine table")
+    e.add_argument("model", help="converted model folder or Hub repo id")
+    e.add_argument("texts", nargs="*")
+    e.add_argument("--prompt", help="prompt name: query, document, passage, classification, clustering, ...")
+    e.add_argument("--dim", type=int, help="Matryoshka dimension (768 or 256), re-normalised")
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=cmd_encode)
+
+    s = sub.add_parser("synth", help="write a random checkpoint in the published layout (tests, benchmarks)")
+    s.add_argument("out")
+    s.add_argument("--real-size", action="store_true", help="the published shapes (475M parameters, 1.8 GB)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    d = sub.add_parser("demo", help="convert, verify and encode the model card's examples")
+    d.add_argument("src", nargs="?", help="checkpoint folder (default: the Hub cache, else a synthetic one)")
+    d.add_argument("--workdir", default=os.environ.get("NOMIC_MOE_DEMO_DIR", ".demo"))
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

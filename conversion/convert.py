@@ -1,0 +1,314 @@
+"""Published checkpoint (or our own format) -> a self-contained, Hub-ready folder in our format.
+
+Order of work, so that bad input loses nothing:
+  1. read config.json and the safetensors headers only, check every key and shape;
+  2. write everything into a temporary folder beside OUT;
+  3. load the written folder through AutoModel (the users' path) and compare it with the plain
+     reference implementation of SPEC §2 on the source weights;
+  4. only then move the folder into place (one rename).
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import layout
+from .errors import UserError
+from .synthetic import TOKENIZER_FILES
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+PROMPTS = {
+    "query": "search_query: ",
+    "document": "search_document: ",
+    "passage": "search_document: ",
+    "classification": "classification: ",
+    "clustering": "clustering: ",
+    # task-type names that MTEB and sentence-transformers pass as prompt names
+    "Classification": "classification: ",
+    "MultilabelClassification": "classification: ",
+    "PairClassification": "classification: ",
+    "STS": "classification: ",
+    "Summarization": "classification: ",
+    "Clustering": "clustering: ",
+}
+DEFAULT_PROMPT = "document"  # a plain encode() embeds documents; queries use prompt_name="query"
+MAX_SEQ_LENGTH = 512
+
+VERIFY_TEXTS = [
+    "search_query: What food did they eat?",
+    "search_query: thunderstorms",
+    "search_document: Hello!",
+    "search_document: ¡Hola!",
+    "",
+]
+VERIFY_ATOL = 1e-4  # fp32 agreement seen in practice is ~1e-6; this catches real mistakes
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def modeling_dir() -> Path:
+    """The folder of the files published next to the weights (installed as nomic_moe_modeling)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nomic_moe_modeling")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "modeling"
+
+
+def resolve_source(src: str) -> Path:
+    """A local folder, or a Hub repo id resolved through huggingface_hub (its cache works offline)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{src} is a file, not a checkpoint folder", "pass the folder holding config.json")
+        return path
+    if src.count("/") != 1 or src.startswith((".", "/", "~")):
+        raise UserError(f"{src} does not exist", "pass a checkpoint folder or a Hub repo id such as nomic-ai/nomic-embed-text-v2-moe")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.bin", "*.pt"]
+            )
+        )
+    except Exception as e:  # offline without a cached copy, unknown repo, no access
+        raise UserError(
+            f"cannot get {src} from the Hugging Face Hub or its local cache: {type(e).__name__}: {e}",
+            "download it once online (huggingface-cli download REPO), or pass a local folder",
+        ) from None
+
+
+def weight_files(folder: Path):
+    """safetensors files of the checkpoint, refusing pickles."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / f for f in files]
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise UserError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); they are never loaded here because unpickling runs code",
+            "convert them to model.safetensors in a trusted environment first, or use a safetensors release",
+        )
+    raise UserError(f"{folder} has no model.safetensors", "pass a checkpoint folder with safetensors weights")
+
+
+def read_headers(files) -> Dict[str, tuple]:
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                shapes[k] = tuple(sf.get_slice(k).get_shape())
+    return shapes
+
+
+def read_config(folder: Path):
+    """(kind, our config kwargs) where kind is 'published' or 'ours'."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise UserError(f"{folder} has no config.json", "pass a checkpoint folder (config.json + model.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("model_type") == "nomic_moe":
+        return "ours", layout.kwargs_from_ours(cfg), cfg
+    if layout.is_published_config(cfg):
+        return "published", layout.our_config_kwargs(cfg), cfg
+    raise UserError(
+        f"unknown checkpoint layout in {cfg_path} (model_type={cfg.get('model_type')!r})",
+        "expected the published nomic_bert MoE layout (SPEC §3) or this project's nomic_moe format",
+    )
+
+
+def strip_prefix(shapes: Dict[str, tuple]) -> str:
+    """Checkpoints saved from a task model carry 'bert.' before every key."""
+    return "bert." if shapes and all(k.startswith("bert.") for k in shapes) else ""
+
+
+def _our_shapes(kw: dict) -> Dict[str, tuple]:
+    E, I, H = kw["num_experts"], kw["intermediate_size"], kw["hidden_size"]
+    out = {}
+    for k, s in layout.published_shapes(kw).items():
+        name = layout.our_name(k)
+        out[name] = (E, I, H) if name.endswith((".experts.w1", ".experts.w2")) else s
+    return out
+
+
+def load_checked(src: Path):
+    """Reads and checks a source checkpoint. Returns (kind, kw, our_weights, published_weights)."""
+    kind, kw, _ = read_config(src)
+    files = weight_files(src)
+    log(f"[1/4] checking {src}: {kind} layout, {len(files)} weight file(s)")
+    shapes = read_headers(files)
+    prefix = strip_prefix(shapes)
+    shapes = {k[len(prefix) :]: s for k, s in shapes.items()}
+    expected = layout.published_shapes(kw) if kind == "published" else _our_shapes(kw)
+    layout.check_keys(shapes, expected, f"checkpoint {src}")
+    log(f"      {len(shapes)} tensors, every key and shape as expected")
+
+    ours, published = {}, {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                t = sf.get_tensor(key)
+                key = key[len(prefix) :]
+                if kind == "published":
+                    published[key] = t
+                    name, t = layout.to_ours(key, t, kw)
+                    ours[name] = t
+                else:
+                    ours[key] = t
+                    pname, pt = layout.to_published(key, t)
+                    published[pname] = pt
+    bad = sorted({str(t.dtype) for t in ours.values() if not t.dtype.is_floating_point})
+    if bad:
+        raise UserError(f"the checkpoint holds non-float tensors ({', '.join(bad)})", "pass a float checkpoint")
+    return kind, kw, ours, published
+
+
+def write_sentence_transformers_files(out: Path, hidden_size: int) -> None:
+    (out / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+            ],
+            indent=2,
+        )
+    )
+    (out / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": MAX_SEQ_LENGTH, "do_lower_case": False}, indent=2)
+    )
+    (out / "config_sentence_transformers.json").write_text(
+        json.dumps(
+            {"prompts": PROMPTS, "default_prompt_name": DEFAULT_PROMPT, "similarity_fn_name": "cosine"}, indent=2
+        )
+    )
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": hidden_size,
+                "pooling_mode_cls_token": False,
+                "pooling_mode_mean_tokens": True,
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+                "pooling_mode_weightedmean_tokens": False,
+                "pooling_mode_lasttoken": False,
+                "include_prompt": True,
+            },
+            indent=2,
+        )
+    )
+    (out / "2_Normalize").mkdir()
+
+
+def write_model_folder(out: Path, kw: dict, weights: Dict[str, torch.Tensor], tokenizer_dir: Path) -> None:
+    """Writes our format into ``out`` (which must exist and be empty)."""
+    from nomic_moe_modeling.configuration_nomic_moe import NomicMoEConfig
+
+    dtype = next(iter(weights.values())).dtype
+    config = NomicMoEConfig(**kw, architectures=["NomicMoEModel"])
+    config_dict = config.to_dict()
+    config_dict["torch_dtype"] = str(dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    size = sum(t.numel() * t.element_size() for t in weights.values())
+    log(f"[2/4] writing model.safetensors ({size / 2**20:.0f} MiB, {len(weights)} tensors)")
+    save_file({k: t.contiguous() for k, t in weights.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in sorted(modeling_dir().glob("*.py")):
+        if f.name != "__init__.py":
+            shutil.copy2(f, out / f.name)
+    copied = [f for f in TOKENIZER_FILES if (tokenizer_dir / f).exists()]
+    if "tokenizer.json" not in copied and "sentencepiece.bpe.model" not in copied:
+        raise UserError(
+            f"no tokenizer files in {tokenizer_dir}",
+            "pass --tokenizer FOLDER with the model's tokenizer (tokenizer.json), e.g. from FacebookAI/xlm-roberta-base",
+        )
+    for f in copied:
+        shutil.copy2(tokenizer_dir / f, out / f)
+    write_sentence_transformers_files(out, kw["hidden_size"])
+
+
+@torch.no_grad()
+def verify(folder: Path, kw: dict, published: Dict[str, torch.Tensor], dtype: torch.dtype) -> float:
+    """Converted folder through AutoModel vs the plain reference on the source weights; max abs diff."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from .reference import reference_forward
+
+    log("[3/4] verifying: AutoModel on the written folder vs the plain reference implementation")
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+    model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32).eval()
+    batch = tok(VERIFY_TEXTS, padding=True, truncation=True, max_length=MAX_SEQ_LENGTH, return_tensors="pt")
+    ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # the reference sees exactly the values the converted file holds
+    ref_weights = {k: t.to(dtype).float() for k, t in published.items()}
+    ref = reference_forward(ref_weights, kw, batch["input_ids"], batch["attention_mask"])
+    real = batch["attention_mask"].bool()
+    diff = (ours[real] - ref[real]).abs().max().item()
+    log(f"      max |AutoModel - reference| over {int(real.sum())} real tokens: {diff:.2e} (limit {VERIFY_ATOL:.0e})")
+    if not diff <= VERIFY_ATOL:
+        raise UserError(
+            f"verification failed: the converted model differs from the reference by {diff:.3e}",
+            "this is a bug in the converter or the model code; nothing was written",
+        )
+    return diff
+
+
+def convert(
+    src: str,
+    out: str,
+    *,
+    dtype: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    force: bool = False,
+    check: bool = True,
+) -> Path:
+    t0 = time.time()
+    src_dir = resolve_source(src)
+    out_dir = Path(out).expanduser().resolve()
+    if out_dir.exists() and not force:
+        raise UserError(f"{out_dir} already exists", "choose a new OUT folder or pass --force to replace it")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype}", f"use one of {', '.join(DTYPES)}")
+    kind, kw, ours, published = load_checked(src_dir)
+    if dtype is not None:
+        ours = {k: t.to(DTYPES[dtype]) for k, t in ours.items()}
+    target_dtype = next(iter(ours.values())).dtype
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        write_model_folder(tmp, kw, ours, Path(tokenizer).expanduser() if tokenizer else src_dir)
+        del ours
+        if check:
+            verify(tmp, kw, published, target_dtype)
+        log(f"[4/4] moving into place: {out_dir}")
+        if out_dir.exists():  # --force: swap, then delete the old one
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"done in {time.time() - t0:.1f}s")
+    return out_dir

@@ -1,0 +1,86 @@
+"""Sentence embeddings from a converted folder with plain transformers: prompts, pooling, Matryoshka."""
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+MAX_SEQ_LENGTH = 512
+MATRYOSHKA_DIMS = (768, 256)
+
+
+def load_prompts(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config_sentence_transformers.json"
+    return json.loads(path.read_text()).get("prompts", {}) if path.exists() else {}
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over real tokens (prompt and special tokens included), [B, S, H] -> [B, H]."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def finish(pooled: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
+    """L2-normalise; for Matryoshka, truncate first and normalise the truncated vector."""
+    if dim is not None:
+        if not 1 <= dim <= pooled.shape[-1]:
+            raise UserError(f"--dim {dim} is outside 1..{pooled.shape[-1]}", "use 768 or 256 (the trained sizes)")
+        pooled = pooled[:, :dim]
+    return F.normalize(pooled.float(), dim=-1)
+
+
+class Encoder:
+    """Encodes texts the way the sentence-transformers files describe, without sentence-transformers."""
+
+    def __init__(self, model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+        self.model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True, dtype=dtype).to(device).eval()
+        self.device = device
+        self.prompts = load_prompts(self.model_dir)
+
+    def prompt_text(self, prompt: Optional[str]) -> str:
+        if prompt is None:
+            return ""
+        if prompt not in self.prompts:
+            raise UserError(f"unknown prompt {prompt!r}", f"use one of: {', '.join(sorted(self.prompts))}")
+        return self.prompts[prompt]
+
+    @torch.no_grad()
+    def encode(self, texts: List[str], prompt: Optional[str] = None, dim: Optional[int] = None, batch_size: int = 32):
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise UserError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}", "pass a list of str")
+        prefix = self.prompt_text(prompt)
+        full = [prefix + t for t in texts]
+        order = sorted(range(len(full)), key=lambda i: -len(full[i]))  # batch similar lengths together
+        out = [None] * len(full)
+        truncated = 0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = self.tokenizer(
+                [full[i] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=MAX_SEQ_LENGTH,
+                return_tensors="pt",
+                return_overflowing_tokens=False,
+            )
+            truncated += int((batch["attention_mask"].sum(1) >= MAX_SEQ_LENGTH).sum())
+            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            emb = finish(mean_pool(hidden, mask), dim).cpu()
+            for j, i in enumerate(idx):
+                out[i] = emb[j]
+        if truncated:
+            print(f"note: {truncated} text(s) reached {MAX_SEQ_LENGTH} tokens and were truncated", file=sys.stderr)
+        if not out:
+            return torch.empty(0, dim or self.model.config.hidden_size)
+        return torch.stack(out)

@@ -1,0 +1,184 @@
+"""The published checkpoint layout (SPEC §3) and its mapping onto ours.
+
+Published keys are flat, GPT-2 style config names; ours are transformers names with the experts
+as [E, I, H] tensors. The mapping changes names and views only: the bytes stay the same.
+"""
+
+from typing import Dict, Tuple
+
+from .errors import UserError
+
+# published config key -> (our config key, default when absent)
+CONFIG_KEYS = {
+    "vocab_size": ("vocab_size", 250048),
+    "n_embd": ("hidden_size", 768),
+    "n_head": ("num_attention_heads", 12),
+    "n_inner": ("intermediate_size", None),
+    "n_layer": ("num_hidden_layers", 12),
+    "n_positions": ("max_position_embeddings", 2048),
+    "layer_norm_epsilon": ("layer_norm_eps", 1e-5),
+    "type_vocab_size": ("type_vocab_size", 1),
+    "pad_token_id": ("pad_token_id", 1),
+    "rotary_emb_base": ("rope_theta", 10000.0),
+    "num_experts": ("num_experts", 0),
+    "moe_top_k": ("num_experts_per_tok", 1),
+    "moe_every_n_layers": ("moe_every_n_layers", 0),
+    "moe_normalize_expert_weights": ("norm_topk_prob", False),
+    "router_aux_loss_coef": ("router_aux_loss_coef", 0.1),
+    "initializer_range": ("initializer_range", 0.02),
+}
+
+# settings of the published family that our implementation does not cover: value it must have
+REQUIRED = {
+    "prenorm": False,
+    "rotary_emb_fraction": 1.0,
+    "rotary_emb_interleaved": False,
+    "rotary_scaling_factor": None,
+    "activation_function": "gelu",
+    "qkv_proj_bias": True,
+    "mlp_fc1_bias": True,
+    "mlp_fc2_bias": True,
+}
+
+
+def is_published_config(cfg: dict) -> bool:
+    return cfg.get("model_type") == "nomic_bert" or "n_embd" in cfg
+
+
+def our_config_kwargs(published: dict) -> dict:
+    """Published config.json dict -> NomicMoEConfig kwargs; refuses settings we do not implement."""
+    bad = [
+        f"{k}={published[k]!r} (need {v!r})"
+        for k, v in REQUIRED.items()
+        if k in published and published[k] != v and not (k == "rotary_emb_fraction" and published[k] == 1)
+    ]
+    if bad:
+        raise UserError(
+            "the source config uses settings this model does not implement: " + ", ".join(bad),
+            "convert only nomic-embed-text-v2-moe-style checkpoints (post-LN, full RoPE, erf GELU, biases)",
+        )
+    kw = {ours: published.get(theirs, default) for theirs, (ours, default) in CONFIG_KEYS.items()}
+    if kw["intermediate_size"] is None:
+        kw["intermediate_size"] = 4 * kw["hidden_size"]
+    if not kw["num_experts"] or not kw["moe_every_n_layers"]:  # a dense model of the same family
+        kw.update(num_experts=1, num_experts_per_tok=1, moe_every_n_layers=0)
+    kw["max_position_embeddings"] = max(kw["max_position_embeddings"], published.get("max_trained_positions", 0))
+    return kw
+
+
+def published_shapes(kw: dict) -> Dict[str, Tuple[int, ...]]:
+    """Every key of a published checkpoint with its shape, for our config kwargs ``kw``."""
+    H, I, E, L = kw["hidden_size"], kw["intermediate_size"], kw["num_experts"], kw["num_hidden_layers"]
+    shapes = {
+        "embeddings.word_embeddings.weight": (kw["vocab_size"], H),
+        "embeddings.token_type_embeddings.weight": (kw["type_vocab_size"], H),
+        "emb_ln.weight": (H,),
+        "emb_ln.bias": (H,),
+    }
+    for i in range(L):
+        p = f"encoder.layers.{i}."
+        shapes.update(
+            {
+                p + "attn.Wqkv.weight": (3 * H, H),
+                p + "attn.Wqkv.bias": (3 * H,),
+                p + "attn.out_proj.weight": (H, H),
+                p + "attn.out_proj.bias": (H,),
+                p + "norm1.weight": (H,),
+                p + "norm1.bias": (H,),
+                p + "norm2.weight": (H,),
+                p + "norm2.bias": (H,),
+            }
+        )
+        if is_moe(kw, i):
+            shapes.update(
+                {
+                    p + "mlp.router.layer.weight": (E, H),
+                    p + "mlp.experts.mlp.w1": (E * I, H),
+                    p + "mlp.experts.mlp.w2": (E * I, H),
+                    p + "mlp.experts.bias": (H,),
+                }
+            )
+        else:
+            shapes.update(
+                {
+                    p + "mlp.fc1.weight": (I, H),
+                    p + "mlp.fc1.bias": (I,),
+                    p + "mlp.fc2.weight": (H, I),
+                    p + "mlp.fc2.bias": (H,),
+                }
+            )
+    return shapes
+
+
+def is_moe(kw: dict, i: int) -> bool:
+    n = kw["moe_every_n_layers"]
+    return n > 0 and i % n == 1
+
+
+_RENAMES = [
+    ("emb_ln.", "embeddings.norm."),
+    ("encoder.layers.", "layers."),
+    (".attn.Wqkv.", ".attention.qkv."),
+    (".attn.out_proj.", ".attention.out."),
+    (".norm1.", ".attention_norm."),
+    (".norm2.", ".mlp_norm."),
+    (".mlp.router.layer.weight", ".mlp.router.weight"),
+    (".mlp.experts.mlp.w1", ".mlp.experts.w1"),
+    (".mlp.experts.mlp.w2", ".mlp.experts.w2"),
+]
+
+
+def our_name(published_key: str) -> str:
+    for old, new in _RENAMES:
+        published_key = published_key.replace(old, new)
+    return published_key
+
+
+def published_name(our_key: str) -> str:
+    for old, new in reversed(_RENAMES):
+        our_key = our_key.replace(new, old)
+    return our_key
+
+
+def to_ours(published_key: str, tensor, kw: dict):
+    """(our key, tensor as a view in our shape). Expert matrices go [E*I, H] -> [E, I, H]."""
+    name = our_name(published_key)
+    if name.endswith((".experts.w1", ".experts.w2")):
+        tensor = tensor.view(kw["num_experts"], kw["intermediate_size"], kw["hidden_size"])
+    return name, tensor
+
+
+def check_keys(found: Dict[str, Tuple[int, ...]], expected: Dict[str, Tuple[int, ...]], what: str) -> None:
+    """Names every missing, unexpected and mis-shaped key at once, or returns."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = [
+        f"{k}: {tuple(found[k])} (expected {tuple(expected[k])})"
+        for k in sorted(set(found) & set(expected))
+        if tuple(found[k]) != tuple(expected[k])
+    ]
+    if missing or unexpected or misshaped:
+        lines = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if items:
+                shown = items[:8] + ([f"... and {len(items) - 8} more"] if len(items) > 8 else [])
+                lines.append(f"{len(items)} {title}: " + "; ".join(shown))
+        raise UserError(
+            f"{what} does not match its config: " + " | ".join(lines),
+            "check that config.json belongs to these weights and that the checkpoint is complete",
+        )
+
+
+def to_published(our_key: str, tensor):
+    """The inverse of to_ours: (published key, tensor viewed in the published shape)."""
+    if our_key.endswith((".experts.w1", ".experts.w2")):
+        tensor = tensor.reshape(-1, tensor.shape[-1])
+    return published_name(our_key), tensor
+
+
+OUR_FIELDS = [ours for ours, _ in CONFIG_KEYS.values()] + ["num_hidden_layers"]
+
+
+def kwargs_from_ours(cfg: dict) -> dict:
+    """Our config.json dict -> the config fields that define the weights' layout."""
+    return {k: cfg[k] for k in OUR_FIELDS if k in cfg}

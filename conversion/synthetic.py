@@ -1,0 +1,184 @@
+"""Random checkpoints in the published layout (SPEC §3) and a small XLM-R-style tokenizer.
+
+Used by tests, the demo on an offline machine, and benchmarks. The weights are synthetic: they
+exercise every code path (non-zero biases, LayerNorm scales, a router that really chooses) but
+mean nothing.
+"""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+from .layout import published_shapes
+
+# Enough text for a Unigram model to learn pieces in a few scripts. Includes the prompts.
+CORPUS = [
+    "search_query: What food did they eat?",
+    "search_document: The settlers ate bread, salted fish and wild berries through the winter.",
+    "classification: This movie was a delight from start to finish.",
+    "clustering: Quarterly earnings beat analyst expectations.",
+    "Hello! How are you today?",
+    "¡Hola! ¿Cómo estás hoy?",
+    "Bonjour, comment allez-vous aujourd'hui ?",
+    "Guten Tag, wie geht es Ihnen heute?",
+    "Thunderstorms are expected this afternoon across the northern plains.",
+    "The mixture of experts routes each token to two of eight feed-forward networks.",
+    "Retrieval augmented generation needs good embeddings for search.",
+    "Sparse models activate only a fraction of their parameters per token.",
+    "今日はとても良い天気ですね。",
+    "Сегодня хорошая погода.",
+    "الطقس جميل اليوم",
+    "आज मौसम अच्छा है।",
+    "天气很好，我们去公园吧。",
+    "Il pleut des cordes depuis ce matin.",
+    "Die Katze schläft auf dem Sofa.",
+    "Embeddings map text to vectors so that similar meanings lie close together.",
+]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model")
+
+
+def make_tokenizer(folder, vocab_size: int = 500):
+    """Trains a SentencePiece-style Unigram tokenizer laid out like XLM-R and saves it to ``folder``.
+
+    ids: <s>=0, <pad>=1, </s>=2, <unk>=3, ..., <mask>=last; right padding; ``<s> ... </s>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size - 1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok.add_special_tokens(["<mask>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
+    try:
+        from transformers import XLMRobertaTokenizerFast as Fast
+    except ImportError:  # pragma: no cover - transformers builds without the alias
+        from transformers import PreTrainedTokenizerFast as Fast
+    fast = Fast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=512,
+        padding_side="right",
+    )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def published_config(
+    *,
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    num_experts: int = 8,
+    top_k: int = 2,
+    moe_every: int = 2,
+    normalize: bool = False,
+) -> dict:
+    """A config.json dict in the published (GPT-2 style) form."""
+    return {
+        "architectures": ["NomicBertModel"],
+        "model_type": "nomic_bert",
+        "activation_function": "gelu",
+        "n_embd": hidden_size,
+        "n_head": num_heads,
+        "n_inner": intermediate_size,
+        "n_layer": num_layers,
+        "n_positions": 2048,
+        "max_trained_positions": 2048,
+        "layer_norm_epsilon": 1e-5,
+        "vocab_size": vocab_size,
+        "type_vocab_size": 1,
+        "pad_token_id": 1,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "rotary_emb_base": 10000,
+        "rotary_emb_fraction": 1.0,
+        "rotary_emb_interleaved": False,
+        "rotary_scaling_factor": None,
+        "prenorm": False,
+        "qkv_proj_bias": True,
+        "mlp_fc1_bias": True,
+        "mlp_fc2_bias": True,
+        "num_experts": num_experts,
+        "moe_top_k": top_k,
+        "moe_every_n_layers": moe_every,
+        "moe_normalize_expert_weights": normalize,
+        "router_aux_loss_coef": 0.1,
+        "auto_map": {"AutoModel": "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertModel"},
+    }
+
+
+def random_weights(config: dict, seed: int = 0) -> dict:
+    """Random tensors for every published key, scaled so activations stay O(1)."""
+    from .layout import our_config_kwargs
+
+    kw = our_config_kwargs(config)
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for key, shape in published_shapes(kw).items():
+        if key.endswith(("norm1.weight", "norm2.weight", "emb_ln.weight")):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif key.endswith("router.layer.weight"):
+            t = torch.randn(shape, generator=g) * (1.0 / shape[1] ** 0.5)  # logits O(1): real choices
+        elif len(shape) == 1:
+            t = 0.05 * torch.randn(shape, generator=g)  # biases, experts.bias included: non-zero on purpose
+        else:
+            t = torch.randn(shape, generator=g) * (1.0 / shape[-1] ** 0.5)
+        weights[key] = t.contiguous()
+    return weights
+
+
+def make_published_checkpoint(folder, *, tokenizer_vocab: int = 500, seed: int = 0, tokenizer: bool = True, **shape) -> Path:
+    """Writes config.json + model.safetensors (+ tokenizer) in the published layout; returns the folder.
+
+    ``shape`` takes published_config's keywords (hidden_size, num_layers, num_experts, top_k, ...).
+    The vocabulary is the tokenizer's padded to a multiple of 64, as the real model pads XLM-R's.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer:
+        make_tokenizer(folder, tokenizer_vocab)
+    shape.setdefault("vocab_size", -(-tokenizer_vocab // 64) * 64)
+    config = published_config(**shape)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(random_weights(config, seed), str(folder / "model.safetensors"))
+    return folder
+
+
+def real_size_shape(vocab_size: Optional[int] = None) -> dict:
+    """Shape keywords of the published model (475,292,928 parameters)."""
+    return dict(
+        vocab_size=vocab_size or 250048,
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_size=3072,
+        num_experts=8,
+        top_k=2,
+        moe_every=2,
+    )

@@ -1,0 +1,434 @@
+"""Nomic Embed v2 MoE: a post-LayerNorm BERT-style encoder with RoPE and sparse MoE layers.
+
+The forward pass, in the paper's words:
+
+    tokens -> embeddings -> LayerNorm -> 12 x [ attention -> add & norm -> (MLP | MoE) -> add & norm ]
+
+Every odd layer is a Mixture-of-Experts: a router scores the experts for each token, the top-k
+are kept (without renormalising their probabilities), each chosen expert is a GELU MLP, and the
+outputs are combined with the router weights plus one shared bias.
+
+Padding costs nothing here: the real tokens are packed into one [N, H] matrix before the
+position-wise work (embeddings, projections, MLPs, router, experts, LayerNorms). Only the softmax
+attention itself sees the sequences, re-laid out right-padded to the longest real length. So a
+token's output does not depend on how much padding, or which batch partners, came with it.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_nomic_moe import NomicMoEConfig
+
+
+@dataclass
+class NomicMoEModelOutput(ModelOutput):
+    """``last_hidden_state`` [B, S, H] is zero at padding positions.
+
+    ``router_logits`` (on request) holds one [N, E] fp32 tensor per MoE layer, N = real tokens of
+    the batch in row-major order; ``aux_loss`` is the load-balancing loss (SPEC §5), unweighted.
+    """
+
+    last_hidden_state: torch.FloatTensor = None
+    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+    router_logits: Optional[Tuple[torch.FloatTensor, ...]] = None
+    aux_loss: Optional[torch.FloatTensor] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Packing: real tokens in, real tokens out
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Packing:
+    """Where the N real tokens of a [B, S] batch live.
+
+    token_index: [N] flat index of each real token in the [B*S] input layout.
+    positions:   [N] RoPE position of each token inside its own text (0, 1, ...), so left and
+                 right padding give the same positions.
+    attn_index:  [N] flat index of each token in the right-padded [B*L] attention layout.
+    key_mask:    [B, L] bool, True for real keys; L = longest real length in the batch.
+    """
+
+    batch: int
+    seq_len: int
+    token_index: torch.Tensor
+    positions: torch.Tensor
+    attn_index: torch.Tensor
+    key_mask: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "Packing":
+        B, S = mask.shape
+        positions = mask.long().cumsum(1) - 1  # [B, S]
+        token_index = mask.flatten().nonzero().squeeze(1)  # [N], one host sync per forward
+        lengths = mask.sum(1)  # [B]
+        L = max(int(lengths.max()), 1) if B else 1
+        positions = positions.flatten()[token_index]
+        rows = token_index // S
+        attn_index = rows * L + positions
+        key_mask = torch.arange(L, device=mask.device)[None, :] < lengths[:, None]
+        # A text with no real token has no key to attend to; give it one so softmax stays finite.
+        key_mask[:, 0] = True
+        return cls(B, S, token_index, positions, attn_index, key_mask)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S, ...] -> [N, ...]"""
+        return x.flatten(0, 1)[self.token_index]
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, S, ...], zeros at padding"""
+        out = x.new_zeros((self.batch * self.seq_len,) + x.shape[1:])
+        out[self.token_index] = x
+        return out.view((self.batch, self.seq_len) + x.shape[1:])
+
+    def to_attention_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, L, ...], right-padded to the longest real text"""
+        B, L = self.key_mask.shape
+        out = x.new_zeros((B * L,) + x.shape[1:])
+        out[self.attn_index] = x
+        return out.view((B, L) + x.shape[1:])
+
+    def from_attention_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] -> [N, ...]"""
+        return x.flatten(0, 1)[self.attn_index]
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings and attention
+# --------------------------------------------------------------------------------------------
+
+
+class NomicMoEEmbeddings(nn.Module):
+    def __init__(self, config: NomicMoEConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=None)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        # [N] -> [N, H]; no absolute positions: RoPE carries them
+        return self.norm(self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids))
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
+    """GPT-NeoX ("rotate half") RoPE over the full head, frequencies in fp32.
+
+    Computed per call instead of kept in a buffer: it costs microseconds, and a non-persistent
+    buffer made in __init__ comes back as garbage when transformers 5 builds on the meta device.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [N, D/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [N, D]
+    return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]  # [N, 1, D]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [N, heads, D]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class NomicMoEAttention(nn.Module):
+    is_causal = False
+
+    def __init__(self, config: NomicMoEConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.rope_theta = config.rope_theta
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # rows [q | k | v], head-major
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.config = config  # read at call time: transformers may switch the implementation after init
+
+    def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        N, H = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x [N, h, D]
+        cos, sin = rope_cos_sin(packing.positions, self.head_dim, self.rope_theta, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        # softmax attention is the one step that needs the texts: [N, h, D] -> [B, h, L, D]
+        q, k, v = (packing.to_attention_layout(t).transpose(1, 2) for t in (q, k, v))
+        mask = packing.key_mask[:, None, None, :]  # [B, 1, 1, L]
+        if self.config._attn_implementation == "eager":
+            scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            ctx = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        ctx = packing.from_attention_layout(ctx.transpose(1, 2))  # [N, h, D]
+        return self.out(ctx.reshape(N, H))
+
+
+# --------------------------------------------------------------------------------------------
+# MLP and Mixture-of-Experts
+# --------------------------------------------------------------------------------------------
+
+
+class NomicMoEMLP(nn.Module):
+    def __init__(self, config: NomicMoEConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, packing: Packing):
+        return self.fc2(F.gelu(self.fc1(x))), None
+
+
+@dataclass
+class Routing:
+    """Who goes where, as contiguous per-expert segments of the N*k (token, slot) pairs.
+
+    logits:       [N, E] fp32 router logits.
+    weights:      [N, k] routing weight of each (token, slot), in the activation dtype.
+    experts:      [N, k] expert of each (token, slot).
+    order:        [N*k] (token, slot) pairs sorted by expert; pair p is token p // k, slot p % k.
+    counts:       [E] pairs per expert; offsets [E+1] segment bounds (expert e owns
+                  order[offsets[e]:offsets[e+1]]). All on the device: no host sync.
+    """
+
+    logits: torch.Tensor
+    weights: torch.Tensor
+    experts: torch.Tensor
+    order: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def top_k(self) -> int:
+        return self.experts.shape[1]
+
+    def sorted_tokens(self) -> torch.Tensor:
+        return self.order // self.top_k  # [N*k] token of each sorted pair
+
+    def sorted_weights(self) -> torch.Tensor:
+        return self.weights.flatten()[self.order]  # [N*k]
+
+
+class NomicMoERouter(nn.Module):
+    def __init__(self, config: NomicMoEConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.normalize = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))  # no bias
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        # fp32 so that bf16 rounding cannot flip near-tied expert choices
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        probs = logits.softmax(-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # [N, k]
+        if self.normalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        flat = experts.flatten()  # [N*k]
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.weight.shape[0])
+        offsets = F.pad(counts.cumsum(0), (1, 0))
+        return Routing(logits, weights.to(x.dtype), experts, order, counts, offsets)
+
+
+def experts_eager(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The reference: one plain GEMM pair per expert over its segment of sorted pairs.
+
+    x: [N, H]; w1, w2: [E, I, H]. Returns sum over chosen experts of weight * expert(x), [N, H].
+    """
+    tokens, weights = routing.sorted_tokens(), routing.sorted_weights()
+    out = torch.zeros_like(x)
+    bounds = routing.offsets.tolist()  # host sync: fine for the reference path
+    for e in range(w1.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if lo == hi:
+            continue
+        idx = tokens[lo:hi]
+        h = F.gelu(x[idx] @ w1[e].T)  # [n, I]
+        y = h @ w2[e]  # [n, H]; w2 is stored [I, H] per expert, not transposed
+        out.index_add_(0, idx, y * weights[lo:hi, None])
+    return out
+
+
+EXPERT_BACKENDS = {"eager": experts_eager}
+
+
+class NomicMoEExperts(nn.Module):
+    def __init__(self, config: NomicMoEConfig):
+        super().__init__()
+        E, I, H = config.num_experts, config.intermediate_size, config.hidden_size
+        self.w1 = nn.Parameter(torch.empty(E, I, H))
+        self.w2 = nn.Parameter(torch.empty(E, I, H))
+        self.bias = nn.Parameter(torch.empty(H))  # shared by all experts, added once
+        self.implementation = "eager"
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        out = EXPERT_BACKENDS[self.implementation](x, routing, self.w1, self.w2)
+        return out + self.bias
+
+    def extra_repr(self) -> str:
+        E, I, H = self.w1.shape
+        return f"experts={E}, hidden={H}, intermediate={I}, implementation={self.implementation}"
+
+
+class NomicMoESparseBlock(nn.Module):
+    """route -> dispatch to experts -> combine"""
+
+    def __init__(self, config: NomicMoEConfig):
+        super().__init__()
+        self.router = NomicMoERouter(config)
+        self.experts = NomicMoEExperts(config)
+
+    def forward(self, x: torch.Tensor, packing: Packing):
+        routing = self.router(x)
+        return self.experts(x, routing), routing
+
+
+class NomicMoELayer(nn.Module):
+    def __init__(self, config: NomicMoEConfig, layer_idx: int):
+        super().__init__()
+        self.attention = NomicMoEAttention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = NomicMoESparseBlock(config) if self.is_moe else NomicMoEMLP(config)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, packing: Packing):
+        # post-LayerNorm: normalise after each residual add
+        x = self.attention_norm(x + self.attention(x, packing))
+        m, routing = self.mlp(x, packing)
+        return self.mlp_norm(x + m), routing
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+def load_balancing_loss(routings, num_experts: int) -> torch.Tensor:
+    """E * sum_i f_i * P_i, averaged over MoE layers (Switch / megablocks style)."""
+    losses = []
+    for r in routings:
+        f = r.counts.float() / max(r.experts.numel(), 1)  # fraction of (token, slot) pairs per expert
+        p = r.logits.softmax(-1).mean(0)  # mean router probability per expert
+        losses.append(num_experts * (f * p).sum())
+    return torch.stack(losses).mean()
+
+
+class NomicMoEPreTrainedModel(PreTrainedModel):
+    config_class = NomicMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["NomicMoELayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        elif isinstance(module, NomicMoERouter):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, NomicMoEExperts):
+            module.w1.normal_(0.0, std)
+            module.w2.normal_(0.0, std)
+            module.bias.zero_()
+
+
+class NomicMoEModel(NomicMoEPreTrainedModel):
+    def __init__(self, config: NomicMoEConfig):
+        super().__init__(config)
+        self.embeddings = NomicMoEEmbeddings(config)
+        self.layers = nn.ModuleList(NomicMoELayer(config, i) for i in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_router_logits: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
+        mask = self._check_inputs(input_ids, attention_mask, token_type_ids)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+
+        packing = Packing.from_mask(mask)
+        ids = packing.pack(input_ids)  # [N]
+        types = packing.pack(token_type_ids) if token_type_ids is not None else torch.zeros_like(ids)
+        x = self.embeddings(ids, types)  # [N, H]
+
+        hidden_states = (packing.unpack(x),) if output_hidden_states else None
+        routings = []
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x, routing = torch.utils.checkpoint.checkpoint(layer, x, packing, use_reentrant=False)
+            else:
+                x, routing = layer(x, packing)
+            if routing is not None:
+                routings.append(routing)
+            if output_hidden_states:
+                hidden_states += (packing.unpack(x),)
+
+        router_logits = aux_loss = None
+        if output_router_logits and routings:
+            router_logits = tuple(r.logits for r in routings)
+            aux_loss = load_balancing_loss(routings, self.config.num_experts)
+        out = NomicMoEModelOutput(
+            last_hidden_state=packing.unpack(x),
+            hidden_states=hidden_states,
+            router_logits=router_logits,
+            aux_loss=aux_loss,
+        )
+        return out if return_dict else out.to_tuple()
+
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        """Refuse what would silently give wrong embeddings; return the [B, S] bool mask."""
+        if input_ids is None:
+            raise ValueError("input_ids is required (token ids from the tokenizer, shape [batch, seq_len])")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}; truncate when tokenizing "
+                "(truncation=True, max_length=512 is what the model was trained for)"
+            )
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}); is the tokenizer the model's own?")
+        if token_type_ids is not None and token_type_ids.shape != input_ids.shape:
+            raise ValueError("token_type_ids must have the shape of input_ids")
+        if attention_mask is None:
+            return torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must be a [batch, seq_len] 0/1 mask like input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}; pass the tokenizer's attention_mask, not an additive 4D mask"
+            )
+        if attention_mask.dtype.is_floating_point and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold 0 (padding) and 1 (real token), not additive -inf/0 values")
+        return attention_mask.bool()

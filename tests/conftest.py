@@ -1,0 +1,54 @@
+import json
+import os
+import tempfile
+
+# Before transformers is imported anywhere: a private Hub cache and module cache, and no network.
+_HOME = tempfile.mkdtemp(prefix="nomic-moe-tests-hf-")
+os.environ["HF_HOME"] = _HOME
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+class Checkpoints:
+    """Builds (once per session) published-layout checkpoints and their conversions."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._made = {}
+
+    def source(self, **shape) -> Path:
+        from nomic_moe_conversion.synthetic import make_published_checkpoint
+
+        key = json.dumps(shape, sort_keys=True)
+        if key not in self._made:
+            folder = self.root / f"src{len(self._made)}"
+            make_published_checkpoint(folder, seed=len(self._made), **shape)
+            self._made[key] = folder
+        return self._made[key]
+
+    def converted(self, **shape) -> Path:
+        from nomic_moe_conversion.convert import convert
+
+        src = self.source(**shape)
+        out = src.with_name(src.name + "-converted")
+        if not out.exists():
+            convert(str(src), str(out))
+        return out
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory):
+    return Checkpoints(tmp_path_factory.mktemp("ckpts"))
+
+
+def published(folder: Path):
+    """(weights, config) of a published-layout checkpoint."""
+    return load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text())
