@@ -24,8 +24,6 @@ def cmd_encode(a):
 
     from .encode import Encoder
 
-    if not a.texts:
-        raise UserError("no texts given", "nomic-moe encode MODEL 'first text' 'second text'")
     enc = Encoder(resolve_model(a.model), device=a.device)
     emb = enc.encode(a.texts, prompt=a.prompt, dim=a.dim)
     for text, e in zip(a.texts, emb):
@@ -113,7 +111,7 @@ def build_parser():
 
     e = sub.add_parser("encode", help="print embeddings as JSON lines, and their cosine table")
     e.add_argument("model", help="converted model folder or Hub repo id")
-    e.add_argument("texts", nargs="*")
+    e.add_argument("texts", nargs="+")
     e.add_argument("--prompt", help="prompt name: query, document, passage, classification, clustering, ...")
     e.add_argument("--dim", type=int, help="Matryoshka dimension (768 or 256), re-normalised")
     e.add_argument("--device", default="cpu")

@@ -1,0 +1,50 @@
+"""sentence-transformers loads a converted folder and gives the same vectors as our plain encoder."""
+
+import pytest
+import torch
+
+from nomic_moe_conversion.encode import Encoder
+
+SHAPE = dict(num_experts=8, top_k=2)
+TEXTS = ["What food did they eat?", "", "thunderstorms " * 400, "¡Hola!"]  # empty and over-long included
+
+
+@pytest.fixture(scope="module")
+def both(ckpts):
+    from sentence_transformers import SentenceTransformer
+
+    folder = ckpts.converted(**SHAPE)
+    return SentenceTransformer(str(folder), trust_remote_code=True, device="cpu"), Encoder(folder)
+
+
+@pytest.mark.parametrize("prompt", ["query", "document", "passage", "classification", "Clustering"])
+def test_same_vectors_as_plain_encoder(both, prompt):
+    st, enc = both
+    a = torch.as_tensor(st.encode(TEXTS, prompt_name=prompt, convert_to_numpy=True))
+    b = enc.encode(TEXTS, prompt=prompt)
+    assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
+
+
+def test_default_prompt_is_document_and_query_helpers(both):
+    st, enc = both
+    doc = enc.encode(TEXTS, prompt="document")
+    assert (torch.as_tensor(st.encode(TEXTS)) - doc).abs().max().item() <= 1e-5
+    assert (torch.as_tensor(st.encode_document(TEXTS)) - doc).abs().max().item() <= 1e-5
+    query = enc.encode(TEXTS, prompt="query")
+    assert (torch.as_tensor(st.encode_query(TEXTS)) - query).abs().max().item() <= 1e-5
+    assert (query - doc).abs().max().item() > 1e-3  # the prompts really change the vectors
+
+
+def test_matryoshka_truncation(ckpts, both):
+    from sentence_transformers import SentenceTransformer
+
+    _, enc = both
+    st = SentenceTransformer(str(ckpts.converted(**SHAPE)), trust_remote_code=True, device="cpu", truncate_dim=32)
+    a = torch.as_tensor(st.encode(TEXTS, prompt_name="query", normalize_embeddings=True))
+    b = enc.encode(TEXTS, prompt="query", dim=32)
+    assert a.shape == (len(TEXTS), 32) and (a - b).abs().max().item() <= 1e-5
+
+
+def test_max_seq_length_is_512(both):
+    st, _ = both
+    assert st.max_seq_length == 512
