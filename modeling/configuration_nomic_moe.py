@@ -2,7 +2,7 @@
 
 from transformers import PretrainedConfig
 
-MOE_IMPLEMENTATIONS = ("auto", "eager")
+MOE_IMPLEMENTATIONS = ("auto", "eager", "sorted", "grouped_mm", "triton")
 
 
 class NomicMoEConfig(PretrainedConfig):

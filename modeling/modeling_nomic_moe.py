@@ -21,9 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_nomic_moe import NomicMoEConfig
+from .experts_nomic_moe import BACKENDS, auto_choice, why_unavailable
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -232,28 +235,6 @@ class NomicMoERouter(nn.Module):
         return Routing(logits, weights.to(x.dtype), experts, order, counts, offsets)
 
 
-def experts_eager(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The reference: one plain GEMM pair per expert over its segment of sorted pairs.
-
-    x: [N, H]; w1, w2: [E, I, H]. Returns sum over chosen experts of weight * expert(x), [N, H].
-    """
-    tokens, weights = routing.sorted_tokens(), routing.sorted_weights()
-    out = torch.zeros_like(x)
-    bounds = routing.offsets.tolist()  # host sync: fine for the reference path
-    for e in range(w1.shape[0]):
-        lo, hi = bounds[e], bounds[e + 1]
-        if lo == hi:
-            continue
-        idx = tokens[lo:hi]
-        h = F.gelu(x[idx] @ w1[e].T)  # [n, I]
-        y = h @ w2[e]  # [n, H]; w2 is stored [I, H] per expert, not transposed
-        out.index_add_(0, idx, y * weights[lo:hi, None])
-    return out
-
-
-EXPERT_BACKENDS = {"eager": experts_eager}
-
-
 class NomicMoEExperts(nn.Module):
     def __init__(self, config: NomicMoEConfig):
         super().__init__()
@@ -261,15 +242,28 @@ class NomicMoEExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(E, I, H))
         self.w2 = nn.Parameter(torch.empty(E, I, H))
         self.bias = nn.Parameter(torch.empty(H))  # shared by all experts, added once
-        self.implementation = "eager"
+        self.implementation = config.moe_implementation  # "auto" or a name in BACKENDS
+        self.last_used = None
+
+    def backend(self, x: torch.Tensor) -> str:
+        # the triton kernels have no backward: whenever autograd would record, use a differentiable path
+        training = torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad)
+        if self.implementation == "auto":
+            return auto_choice(x.device, x.dtype, training)
+        why = why_unavailable(self.implementation, x.device, x.dtype, training)
+        if why:
+            raise RuntimeError(f"moe_implementation={self.implementation!r} cannot run here: {why}")
+        return self.implementation
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        out = EXPERT_BACKENDS[self.implementation](x, routing, self.w1, self.w2)
+        self.last_used = self.backend(x)
+        out = BACKENDS[self.last_used](x, routing, self.w1, self.w2)
         return out + self.bias
 
     def extra_repr(self) -> str:
         E, I, H = self.w1.shape
-        return f"experts={E}, hidden={H}, intermediate={I}, implementation={self.implementation}"
+        used = f" (last used: {self.last_used})" if self.last_used else ""
+        return f"experts={E}, hidden={H}, intermediate={I}, implementation={self.implementation}{used}"
 
 
 class NomicMoESparseBlock(nn.Module):
@@ -350,6 +344,24 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         self.layers = nn.ModuleList(NomicMoELayer(config, i) for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
         self.post_init()
+
+    def set_moe_implementation(self, name: str) -> None:
+        """Switches the expert backend ("auto", "eager", "sorted", "grouped_mm", "triton").
+
+        An explicit choice that cannot run on the model's device and dtype is refused here, saying why.
+        """
+        if name != "auto":
+            p = self.embeddings.word_embeddings.weight
+            why = why_unavailable(name, p.device, p.dtype, training=False)
+            if why:
+                raise ValueError(f"moe_implementation={name!r} cannot run here: {why}")
+        self.config.moe_implementation = name
+        for layer in self.layers:
+            if layer.is_moe:
+                layer.mlp.experts.implementation = name
+        p = self.embeddings.word_embeddings.weight
+        chosen = auto_choice(p.device, p.dtype, self.training) if name == "auto" else name
+        logger.info(f"NomicMoE: MoE implementation {name!r} -> {chosen} on {p.device.type}/{str(p.dtype).replace('torch.', '')}")
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings

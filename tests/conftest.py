@@ -8,10 +8,15 @@ os.environ["HF_HOME"] = _HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # the triton kernels run under triton's interpreter on the CPU (read when a kernel is defined)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 torch.set_num_threads(2)

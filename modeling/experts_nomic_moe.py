@@ -1,0 +1,244 @@
+"""Expert compute for the MoE layers: one math, several speeds.
+
+Every backend takes the token activations x [N, H], a routing (who goes where, see Routing in
+modeling_nomic_moe.py) and the expert weights w1, w2 [E, I, H], and returns
+
+    out[t] = sum over the k chosen experts e of weight[t, e] * gelu(x[t] @ w1[e].T) @ w2[e]     [N, H]
+
+without the shared bias (the caller adds it once). ``eager`` is the plain reference that the
+tests hold the others to.
+
+  eager       per expert: find its tokens, two matmuls, accumulate. Obvious, host syncs.
+  sorted      gather x once in expert order, per-expert GEMMs on contiguous segments, unsort.
+              The CPU path (fp32 and bf16; oneDNN uses AVX512-BF16/AMX where present).
+  grouped_mm  the same segments through torch's grouped GEMM: two kernel launches per layer, no
+              host sync. Fast on Hopper in bf16; torch runs a correct fallback elsewhere.
+  triton      ScatterMoE-style kernel pair (gather + GEMM + GELU, GEMM + weight + scatter), fp16 /
+              bf16 on CUDA, no padding of segments, no host sync (at the end of this file).
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def experts_eager(x, routing, w1, w2):
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        tokens, slots = torch.where(routing.experts == e)
+        if tokens.numel() == 0:
+            continue
+        y = F.gelu(x[tokens] @ w1[e].T) @ w2[e]  # [n, H]; w2 is [I, H] per expert, not transposed
+        out.index_add_(0, tokens, y * routing.weights[tokens, slots, None])
+    return out
+
+
+def combine(y_sorted, routing, n_tokens):
+    """[N*k, H] rows in expert order -> weighted sum over each token's k slots, [N, H].
+
+    Unsorting into (token, slot) order and summing over slots is deterministic (no atomics) and adds
+    the slots in the same order as the reference.
+    """
+    y = torch.empty_like(y_sorted)
+    y[routing.order] = y_sorted * routing.sorted_weights()[:, None]
+    return y.view(n_tokens, routing.top_k, y.shape[-1]).sum(1)
+
+
+def experts_sorted(x, routing, w1, w2):
+    xs = x[routing.sorted_tokens()]  # [N*k, H], grouped by expert
+    bounds = routing.offsets.tolist()  # the one host sync of this path
+    segments = []
+    for e in range(w1.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            segments.append(F.gelu(xs[lo:hi] @ w1[e].T) @ w2[e])
+    y = torch.cat(segments) if segments else xs.new_zeros(0, x.shape[1])
+    return combine(y, routing, x.shape[0])
+
+
+def _grouped_mm():
+    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    return fn
+
+
+def experts_grouped_mm(x, routing, w1, w2):
+    gmm = _grouped_mm()
+    if gmm is None:  # torch too old: same math, per-expert GEMMs
+        return experts_sorted(x, routing, w1, w2)
+    xs = x[routing.sorted_tokens()]  # [N*k, H]
+    ends = routing.offsets[1:].to(torch.int32)  # [E] cumulative segment ends, stays on the device
+    h = F.gelu(gmm(xs, w1.transpose(1, 2), offs=ends))  # [N*k, I]
+    y = gmm(h, w2, offs=ends)  # [N*k, H]
+    return combine(y, routing, x.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel pair, ScatterMoE-style: the fast version of experts_sorted for fp16/bf16 on CUDA.
+#
+# The (token, slot) pairs arrive sorted by expert (Routing.order, Routing.offsets). Two kernels:
+#   up:    h[p]    = gelu(x[token(p)] @ w1[e].T)     gathers token rows while loading      [N*k, I]
+#   down:  y[q(p)] = weight[p] * (h[p] @ w2[e])      scatters to (token, slot) order       [N*k, H]
+# then out = y.view(N, k, H).sum(1). Each program owns BLOCK_M rows of one expert's segment; the
+# block schedule (which program serves which expert) is computed on the device, and the grid is an
+# upper bound known from the shapes alone, so nothing waits for the host.
+# --------------------------------------------------------------------------------------------
+
+try:  # optional at run time: the kernels are defined only where triton is installed
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _segment(pid_m, block_ends_ptr, offsets_ptr, E: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Which expert program pid_m serves, and its rows [row0, seg_end)."""
+        e = 0
+        for j in tl.static_range(E):
+            e += (tl.load(block_ends_ptr + j) <= pid_m).to(tl.int32)
+        e = tl.minimum(e, E - 1)
+        first_block = tl.load(block_ends_ptr + e) - (
+            (tl.load(offsets_ptr + e + 1) - tl.load(offsets_ptr + e) + BLOCK_M - 1) // BLOCK_M
+        )
+        row0 = tl.load(offsets_ptr + e) + (pid_m - first_block) * BLOCK_M
+        seg_end = tl.load(offsets_ptr + e + 1)
+        return e, row0, seg_end
+
+    @triton.jit
+    def _up_kernel(
+        x_ptr, w1_ptr, h_ptr, order_ptr, block_ends_ptr, offsets_ptr,
+        H, I,
+        E: tl.constexpr, TOP_K: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        e, row0, seg_end = _segment(pid_m, block_ends_ptr, offsets_ptr, E, BLOCK_M)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        rmask = rows < seg_end  # programs past the last block get row0 >= seg_end: all masked
+        tok = (tl.load(order_ptr + rows, mask=rmask, other=0) // TOP_K).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < I
+        w1 = w1_ptr + e.to(tl.int64) * I * H
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            kmask = kk < H
+            a = tl.load(x_ptr + tok[:, None] * H + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(w1 + cols[None, :].to(tl.int64) * H + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if IEEE:  # fp32 in, exact fp32 products (no TF32)
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
+        h = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))  # exact GELU
+        dst = h_ptr + rows[:, None].to(tl.int64) * I + cols[None, :]
+        tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _down_kernel(
+        h_ptr, w2_ptr, y_ptr, order_ptr, weights_ptr, block_ends_ptr, offsets_ptr,
+        H, I,
+        E: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        e, row0, seg_end = _segment(pid_m, block_ends_ptr, offsets_ptr, E, BLOCK_M)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        rmask = rows < seg_end  # programs past the last block get row0 >= seg_end: all masked
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < H
+        w2 = w2_ptr + e.to(tl.int64) * I * H
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            kmask = kk < I
+            a = tl.load(h_ptr + rows[:, None].to(tl.int64) * I + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(w2 + kk[:, None].to(tl.int64) * H + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if IEEE:  # fp32 in, exact fp32 products (no TF32)
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
+        wt = tl.load(weights_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        acc = acc * wt[:, None]
+        dest = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)  # (token, slot) position
+        tl.store(y_ptr + dest[:, None] * H + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+def _blocks(x):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32), {}  # small tiles: the interpreter is slow
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), dict(num_warps=4, num_stages=3)
+
+
+def triton_experts(x, routing, w1, w2):
+    """Same result as experts_sorted; x [N, H] fp16/bf16 (fp32 exact with IEEE dots)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    N, H = x.shape
+    E, I, _ = w1.shape
+    k = routing.top_k
+    M = N * k
+    x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
+    tiles, launch = _blocks(x)
+    BM = tiles["BLOCK_M"]
+    # block schedule on the device: expert e owns ceil(count_e / BM) consecutive programs
+    block_ends = ((routing.counts + BM - 1) // BM).cumsum(0).to(torch.int32)
+    offsets = routing.offsets.to(torch.int32)
+    order = routing.order.to(torch.int32)
+    weights = routing.sorted_weights().contiguous()
+    grid_m = triton.cdiv(M, BM) + E  # upper bound: each expert wastes at most one partial block
+    # fp32: exact products. bf16 under the interpreter too: its numpy dot has no bf16 and returns garbage
+    ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+
+    h = torch.empty(M, I, device=x.device, dtype=x.dtype)
+    _up_kernel[(grid_m, triton.cdiv(I, tiles["BLOCK_N"]))](
+        x, w1, h, order, block_ends, offsets, H, I, E=E, TOP_K=k, IEEE=ieee, **tiles, **launch
+    )
+    y = torch.empty(M, H, device=x.device, dtype=x.dtype)
+    _down_kernel[(grid_m, triton.cdiv(H, tiles["BLOCK_N"]))](
+        h, w2, y, order, weights, block_ends, offsets, H, I, E=E, IEEE=ieee, **tiles, **launch
+    )
+    return y.view(N, k, H).sum(1)
+
+
+BACKENDS = {
+    "eager": experts_eager,
+    "sorted": experts_sorted,
+    "grouped_mm": experts_grouped_mm,
+    "triton": triton_experts,
+}
+
+
+def triton_available():
+    return triton is not None
+
+
+def why_unavailable(name, device: torch.device, dtype: torch.dtype, training: bool):
+    """None if backend ``name`` can run here, else the reason in words."""
+    if name not in BACKENDS:
+        return f"unknown MoE implementation {name!r}; choose one of {', '.join(['auto', *BACKENDS])}"
+    if name == "grouped_mm" and _grouped_mm() is None:
+        return f"this torch ({torch.__version__}) has no grouped_mm; upgrade torch or use 'sorted'"
+    if name == "triton":
+        if not triton_available():
+            return "triton is not installed (pip install triton)"
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return f"the triton kernels run on CUDA (or under TRITON_INTERPRET=1), not on {device.type}"
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"the triton kernels take fp16/bf16/fp32 activations, not {dtype}"
+        if training:
+            return "the triton kernels have no backward pass; use 'grouped_mm' or 'sorted' for training"
+    return None
+
+
+def auto_choice(device: torch.device, dtype: torch.dtype, training: bool) -> str:
+    """The fastest correct backend for this device and dtype (measured: benchmarks/RESULTS.md)."""
+    if device.type == "cuda":
+        if dtype in (torch.float16, torch.bfloat16) and not training and triton_available():
+            return "triton"
+        major, _ = torch.cuda.get_device_capability(device)
+        if dtype == torch.bfloat16 and major >= 9 and _grouped_mm() is not None:
+            return "grouped_mm"
+    return "sorted"

@@ -1,0 +1,87 @@
+"""Every expert backend against the plain per-expert loop (eager), and the backend switch."""
+
+import os
+
+import pytest
+import torch
+
+from nomic_moe_modeling.configuration_nomic_moe import NomicMoEConfig
+from nomic_moe_modeling.experts_nomic_moe import BACKENDS, auto_choice, triton_available, why_unavailable
+from nomic_moe_modeling.modeling_nomic_moe import NomicMoEModel, NomicMoERouter
+
+
+def make_case(N=37, H=64, I=96, E=8, k=2, dtype=torch.float32, seed=0, skew=False):
+    g = torch.Generator().manual_seed(seed)
+    cfg = NomicMoEConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=k, num_attention_heads=4)
+    router = NomicMoERouter(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(E, H, generator=g) * H**-0.5)
+        if skew:  # most tokens to expert 0, some experts get nothing
+            router.weight[0] += 3.0
+            router.weight[E // 2 :] -= 5.0
+    x = torch.randn(N, H, generator=g).to(dtype)
+    w1 = (torch.randn(E, I, H, generator=g) * H**-0.5).to(dtype)
+    w2 = (torch.randn(E, I, H, generator=g) * I**-0.5).to(dtype)
+    return x, router(x), w1, w2
+
+
+@pytest.mark.parametrize("name", ["sorted", "grouped_mm"])
+@pytest.mark.parametrize("case", [dict(), dict(k=1, E=4), dict(N=1), dict(N=200, skew=True), dict(N=0)])
+def test_fp32_backends_match_eager(name, case):
+    x, routing, w1, w2 = make_case(**case)
+    ref = BACKENDS["eager"](x, routing, w1, w2)
+    got = BACKENDS[name](x, routing, w1, w2)
+    assert got.shape == ref.shape
+    if ref.numel():
+        assert (got - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["sorted", "grouped_mm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_backends_close_to_eager(name, dtype):
+    x, routing, w1, w2 = make_case(N=120, dtype=dtype)
+    ref = BACKENDS["eager"](x.float(), routing, w1.float(), w2.float())
+    got = BACKENDS[name](x, routing, w1, w2).float()
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+    assert cos.min().item() >= 0.999
+
+
+def test_routing_segments():
+    x, r, _, _ = make_case(N=50, skew=True)
+    assert r.counts.sum().item() == 50 * 2 and r.offsets[-1].item() == 100
+    experts_in_order = r.experts.flatten()[r.order]
+    assert torch.all(experts_in_order[1:] >= experts_in_order[:-1])  # grouped by expert
+    for e in range(8):
+        seg = experts_in_order[r.offsets[e] : r.offsets[e + 1]]
+        assert torch.all(seg == e)
+    assert r.logits.dtype == torch.float32
+    # weights are the raw top-k probabilities: not renormalised
+    probs = r.logits.softmax(-1)
+    assert torch.allclose(r.weights, probs.gather(1, r.experts))
+    assert (r.weights.sum(-1) <= 1 + 1e-6).all() and (r.weights.sum(-1) < 0.99).any()
+
+
+def test_backend_switch_and_refusals(ckpts):
+    model = NomicMoEModel.from_pretrained(ckpts.converted(num_experts=8, top_k=2)).eval()
+    assert "implementation=auto" in repr(model)
+    ids = torch.randint(3, 400, (3, 20))
+    with torch.no_grad():
+        base = model(input_ids=ids).last_hidden_state
+        assert "last used: sorted" in repr(model)  # auto on the CPU
+        for name in ["eager", "sorted", "grouped_mm"]:
+            model.set_moe_implementation(name)
+            assert (model(input_ids=ids).last_hidden_state - base).abs().max().item() <= 1e-5
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="triton.*(CUDA|not installed)"):
+            model.set_moe_implementation("triton")
+    with pytest.raises(ValueError, match="unknown MoE implementation"):
+        model.set_moe_implementation("magic")
+    model.set_moe_implementation("auto")
+
+
+def test_auto_choice_rules():
+    assert auto_choice(torch.device("cpu"), torch.float32, False) == "sorted"
+    assert auto_choice(torch.device("cpu"), torch.bfloat16, False) == "sorted"
+    assert why_unavailable("sorted", torch.device("cpu"), torch.float32, True) is None
+    why = why_unavailable("triton", torch.device("cuda"), torch.bfloat16, True)
+    assert ("backward" if triton_available() else "not installed") in why
