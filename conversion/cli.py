@@ -56,6 +56,29 @@ def cmd_synth(a):
     print(f"wrote a random checkpoint in the published layout to {folder} ({time.time() - t0:.1f}s)", file=sys.stderr)
 
 
+def cmd_bench(a):
+    from .bench import bench
+
+    sort = {"arrival": (False,), "sorted": (True,), "both": (False, True)}[a.batching]
+    bench(device=a.device, dtypes=a.dtypes.split(","), n_texts=a.texts, batch_size=a.batch_size, threads=a.threads,
+          backends=a.backends.split(",") if a.backends else None, sorted_batches=sort, upstream=not a.no_upstream, out=a.out)
+
+
+def cmd_export_onnx(a):
+    from .onnx_export import export_onnx
+
+    variants = tuple(a.variants.split(","))
+    report = export_onnx(resolve_model(a.model_dir), exporter=a.exporter, variants=variants, force=a.force)
+    print(json.dumps({k: v for k, v in report.items()}, indent=2))
+
+
+def cmd_upcycle(a):
+    from .upcycle import upcycle
+
+    upcycle(a.dense, a.out, experts=a.experts, top_k=a.top_k, every=a.every, renormalize=a.renormalize,
+            bias=a.bias, seed=a.seed, tokenizer=a.tokenizer, force=a.force)
+
+
 def find_real_checkpoint():
     """The published checkpoint from the local Hub cache, or None. Never goes to the network."""
     try:
@@ -122,6 +145,40 @@ def build_parser():
     s.add_argument("--real-size", action="store_true", help="the published shapes (475M parameters, 1.8 GB)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_synth)
+
+    b = sub.add_parser("bench", help="MoE speed: upstream-style path vs our backends vs the GEMM limit")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtypes", default="float32,bfloat16")
+    b.add_argument("--texts", type=int, default=64, help="texts in the fixed workload")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--threads", type=int)
+    b.add_argument("--backends", help="comma list (default: all that run on the device)")
+    b.add_argument("--batching", choices=["arrival", "sorted", "both"], default="both")
+    b.add_argument("--no-upstream", action="store_true")
+    b.add_argument("--out", help="write the results as JSON here")
+    b.set_defaults(func=cmd_bench)
+
+    o = sub.add_parser("export-onnx", help="write MODEL_DIR/onnx/ (exact, fused, fp16, int8), validated")
+    o.add_argument("model_dir")
+    o.add_argument("--exporter", choices=["auto", "optimum", "torch"], default="auto",
+                   help="auto: optimum's main_export where optimum is installed, else torch.onnx")
+    o.add_argument("--variants", default="model,fused,fp16,int8")
+    o.add_argument("--force", action="store_true", help="replace an existing onnx/ folder")
+    o.set_defaults(func=cmd_export_onnx)
+
+    u = sub.add_parser("upcycle", help="dense checkpoint -> MoE whose experts start as copies of the dense MLP")
+    u.add_argument("dense", help="dense checkpoint: published (nomic-bert-2048 style) layout or ours; folder or repo id")
+    u.add_argument("out")
+    u.add_argument("--experts", type=int, default=8)
+    u.add_argument("--top-k", type=int, default=2)
+    u.add_argument("--every", type=int, default=2, help="layer i is MoE iff i %% every == 1")
+    u.add_argument("--renormalize", action="store_true", help="renormalise the top-k router weights")
+    u.add_argument("--bias", choices=["zero", "dense"], default="zero",
+                   help="shared expert bias: zero (the paper) or the dense fc2 bias (exact start with --renormalize)")
+    u.add_argument("--seed", type=int, default=0, help="router initialisation seed")
+    u.add_argument("--tokenizer")
+    u.add_argument("--force", action="store_true")
+    u.set_defaults(func=cmd_upcycle)
 
     d = sub.add_parser("demo", help="convert, verify and encode the model card's examples")
     d.add_argument("src", nargs="?", help="checkpoint folder (default: the Hub cache, else a synthetic one)")

@@ -271,32 +271,20 @@ def verify(folder: Path, kw: dict, published: Dict[str, torch.Tensor], dtype: to
     return diff
 
 
-def convert(
-    src: str,
-    out: str,
-    *,
-    dtype: Optional[str] = None,
-    tokenizer: Optional[str] = None,
-    force: bool = False,
-    check: bool = True,
-) -> Path:
-    t0 = time.time()
-    src_dir = resolve_source(src)
+def check_out_dir(out: str, force: bool) -> Path:
     out_dir = Path(out).expanduser().resolve()
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists", "choose a new OUT folder or pass --force to replace it")
-    if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"unknown --dtype {dtype}", f"use one of {', '.join(DTYPES)}")
-    kind, kw, ours, published = load_checked(src_dir)
-    if dtype is not None:
-        ours = {k: t.to(DTYPES[dtype]) for k, t in ours.items()}
-    target_dtype = next(iter(ours.values())).dtype
+    return out_dir
 
+
+def write_verified(out_dir: Path, kw: dict, ours: dict, published: dict, tokenizer_dir: Path, check: bool = True) -> Path:
+    """Writes our format into a temporary folder, verifies it, then moves it to out_dir in one rename."""
+    target_dtype = next(iter(ours.values())).dtype
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        write_model_folder(tmp, kw, ours, Path(tokenizer).expanduser() if tokenizer else src_dir)
-        del ours
+        write_model_folder(tmp, kw, ours, tokenizer_dir)
         if check:
             verify(tmp, kw, published, target_dtype)
         log(f"[4/4] moving into place: {out_dir}")
@@ -310,5 +298,26 @@ def convert(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def convert(
+    src: str,
+    out: str,
+    *,
+    dtype: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    force: bool = False,
+    check: bool = True,
+) -> Path:
+    t0 = time.time()
+    src_dir = resolve_source(src)
+    out_dir = check_out_dir(out, force)
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype}", f"use one of {', '.join(DTYPES)}")
+    kind, kw, ours, published = load_checked(src_dir)
+    if dtype is not None:
+        ours = {k: t.to(DTYPES[dtype]) for k, t in ours.items()}
+    write_verified(out_dir, kw, ours, published, Path(tokenizer).expanduser() if tokenizer else src_dir, check)
     log(f"done in {time.time() - t0:.1f}s")
     return out_dir

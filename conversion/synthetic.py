@@ -46,11 +46,14 @@ def make_tokenizer(folder, vocab_size: int = 500):
 
     ids: <s>=0, <pad>=1, </s>=2, <unk>=3, ..., <mask>=last; right padding; ``<s> ... </s>``.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    # the pipeline transformers 5's XLMRobertaTokenizer builds for itself, so that transformers 4
+    # (which reads this file as it is), transformers 5 and plain `tokenizers` all agree
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     trainer = trainers.UnigramTrainer(
         vocab_size=vocab_size - 1,

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 from .configuration_nomic_moe import NomicMoEConfig
-from .experts_nomic_moe import BACKENDS, auto_choice, why_unavailable
+from .experts_nomic_moe import BACKENDS, auto_choice, experts_graph, why_unavailable
 
 logger = logging.get_logger(__name__)
 
@@ -35,12 +35,15 @@ class NomicMoEModelOutput(ModelOutput):
 
     ``router_logits`` (on request) holds one [N, E] fp32 tensor per MoE layer, N = real tokens of
     the batch in row-major order; ``aux_loss`` is the load-balancing loss (SPEC §5), unweighted.
+    ``sentence_embedding`` (on request) [B, H]: mean over real tokens, L2-normalised, as the
+    sentence-transformers files describe; exported graphs carry it as a second output.
     """
 
     last_hidden_state: torch.FloatTensor = None
     hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
     router_logits: Optional[Tuple[torch.FloatTensor, ...]] = None
     aux_loss: Optional[torch.FloatTensor] = None
+    sentence_embedding: Optional[torch.FloatTensor] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,6 +60,7 @@ class Packing:
                  right padding give the same positions.
     attn_index:  [N] flat index of each token in the right-padded [B*L] attention layout.
     key_mask:    [B, L] bool, True for real keys; L = longest real length in the batch.
+    cu_seqlens:  [B+1] int32 offsets of each text in the packed tokens (variable-length kernels).
     """
 
     batch: int
@@ -65,6 +69,11 @@ class Packing:
     positions: torch.Tensor
     attn_index: torch.Tensor
     key_mask: torch.Tensor
+    cu_seqlens: torch.Tensor
+
+    @property
+    def max_len(self) -> int:
+        return self.key_mask.shape[1]
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> "Packing":
@@ -79,7 +88,8 @@ class Packing:
         key_mask = torch.arange(L, device=mask.device)[None, :] < lengths[:, None]
         # A text with no real token has no key to attend to; give it one so softmax stays finite.
         key_mask[:, 0] = True
-        return cls(B, S, token_index, positions, attn_index, key_mask)
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        return cls(B, S, token_index, positions, attn_index, key_mask, cu_seqlens)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, ...] -> [N, ...]"""
@@ -101,6 +111,46 @@ class Packing:
     def from_attention_layout(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> [N, ...]"""
         return x.flatten(0, 1)[self.attn_index]
+
+
+class PaddedPacking(Packing):
+    """The layout for graph export (ONNX, torch.export): every [B*S] position, padding included.
+
+    A traced graph cannot size tensors from the data (the number of real tokens, the longest
+    text), so here the position-wise parts run over the padded batch; the experts still see only
+    real tokens (``real``), and RoPE positions still come from the mask.
+    """
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "PaddedPacking":
+        B, S = mask.shape
+        keys = mask.bool()
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0).flatten()
+        # a text with no real token attends to its first position, so softmax stays finite
+        empty = ~keys.any(1, keepdim=True)  # [B, 1]
+        keys = keys | (empty & (torch.arange(S, device=mask.device) == 0)[None, :])
+        out = cls(B, S, None, positions, None, keys, None)
+        out.real = mask.flatten().bool()  # [B*S]
+        return out
+
+    def pack(self, x):
+        return x.flatten(0, 1)
+
+    def unpack(self, x):
+        keep = self.real.view((-1,) + (1,) * (x.dim() - 1))
+        return torch.where(keep, x, torch.zeros_like(x)).view((self.batch, self.seq_len) + x.shape[1:])
+
+    def to_attention_layout(self, x):
+        return x.view((self.batch, self.seq_len) + x.shape[1:])
+
+    def from_attention_layout(self, x):
+        return x.flatten(0, 1)
+
+
+def is_exporting() -> bool:
+    """True while a graph exporter (TorchScript tracing, torch.onnx, torch.export) runs the model."""
+    compiler_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (compiler_exporting and compiler_exporting()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +188,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def varlen_kernel(q: torch.Tensor, implementation: str):
+    """A variable-length attention kernel for packed [N, heads, D] CUDA fp16/bf16 tensors, or None.
+
+    flash-attn when the user has it, else torch's own (torch.nn.attention.varlen). Elsewhere
+    (CPU, fp32, eager requested) the caller runs SDPA on the right-padded layout.
+    """
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or implementation not in (None, "sdpa", "flash_attention_2"):
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func
+    except ImportError:
+        pass
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn
+    except ImportError:
+        return None
+
+
 class NomicMoEAttention(nn.Module):
     is_causal = False
 
@@ -156,10 +228,26 @@ class NomicMoEAttention(nn.Module):
         cos, sin = rope_cos_sin(packing.positions, self.head_dim, self.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+        implementation = "sdpa-padded" if isinstance(packing, PaddedPacking) else self.config._attn_implementation
+        varlen = varlen_kernel(q, implementation)
+        if varlen is not None:  # the packed tokens as they are: no padding anywhere
+            L = packing.max_len
+            ctx = varlen(q, k, v, packing.cu_seqlens, packing.cu_seqlens, L, L)  # [N, h, D]
+            return self.out(ctx.reshape(N, H))
+        if not q.is_cuda and implementation in (None, "sdpa"):
+            # CPU: one SDPA call per text costs microseconds and computes no padded scores at all
+            bounds = packing.cu_seqlens.tolist()
+            ctx = torch.empty_like(q)
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                if hi > lo:
+                    qi, ki, vi = (t[lo:hi].transpose(0, 1)[None] for t in (q, k, v))  # [1, h, n, D]
+                    ctx[lo:hi] = F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1)
+            return self.out(ctx.reshape(N, H))
+
         # softmax attention is the one step that needs the texts: [N, h, D] -> [B, h, L, D]
         q, k, v = (packing.to_attention_layout(t).transpose(1, 2) for t in (q, k, v))
         mask = packing.key_mask[:, None, None, :]  # [B, 1, 1, L]
-        if self.config._attn_implementation == "eager":
+        if implementation == "eager":
             scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             ctx = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
@@ -228,6 +316,8 @@ class NomicMoERouter(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)  # [N, k]
         if self.normalize:
             weights = weights / weights.sum(-1, keepdim=True)
+        if is_exporting():  # the graph path (experts_graph) needs no sorted segments
+            return Routing(logits, weights.to(x.dtype), experts, None, None, None)
         flat = experts.flatten()  # [N*k]
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.weight.shape[0])
@@ -276,6 +366,9 @@ class NomicMoESparseBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, packing: Packing):
         routing = self.router(x)
+        if isinstance(packing, PaddedPacking):  # graph export: padding present, skip it in the experts
+            experts = self.experts
+            return experts_graph(x, routing, experts.w1, experts.w2, packing.real) + experts.bias, routing
         return self.experts(x, routing), routing
 
 
@@ -298,6 +391,13 @@ class NomicMoELayer(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
+
+
+def mean_pool_normalize(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, S, H] -> [B, H]: mean over real tokens (denominator clamped at 1e-9), then L2-normalised."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return F.normalize(pooled, dim=-1)
 
 
 def load_balancing_loss(routings, num_experts: int) -> torch.Tensor:
@@ -377,6 +477,7 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         output_router_logits: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        return_sentence_embedding: bool = False,
         **kwargs,
     ):
         mask = self._check_inputs(input_ids, attention_mask, token_type_ids)
@@ -387,7 +488,8 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
 
-        packing = Packing.from_mask(mask)
+        exporting = is_exporting()
+        packing = (PaddedPacking if exporting else Packing).from_mask(mask)
         ids = packing.pack(input_ids)  # [N]
         types = packing.pack(token_type_ids) if token_type_ids is not None else torch.zeros_like(ids)
         x = self.embeddings(ids, types)  # [N, H]
@@ -405,14 +507,17 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
                 hidden_states += (packing.unpack(x),)
 
         router_logits = aux_loss = None
-        if output_router_logits and routings:
+        if output_router_logits and routings and not exporting:
             router_logits = tuple(r.logits for r in routings)
             aux_loss = load_balancing_loss(routings, self.config.num_experts)
+        last = packing.unpack(x)
+        sentence = mean_pool_normalize(last, mask) if return_sentence_embedding else None
         out = NomicMoEModelOutput(
-            last_hidden_state=packing.unpack(x),
+            last_hidden_state=last,
             hidden_states=hidden_states,
             router_logits=router_logits,
             aux_loss=aux_loss,
+            sentence_embedding=sentence,
         )
         return out if return_dict else out.to_tuple()
 
@@ -430,7 +535,7 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
                 f"{self.config.max_position_embeddings}; truncate when tokenizing "
                 "(truncation=True, max_length=512 is what the model was trained for)"
             )
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+        if not is_exporting() and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}); is the tokenizer the model's own?")
         if token_type_ids is not None and token_type_ids.shape != input_ids.shape:
             raise ValueError("token_type_ids must have the shape of input_ids")
@@ -441,6 +546,6 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
                 f"attention_mask must be a [batch, seq_len] 0/1 mask like input_ids {tuple(input_ids.shape)}, "
                 f"got {tuple(attention_mask.shape)}; pass the tokenizer's attention_mask, not an additive 4D mask"
             )
-        if attention_mask.dtype.is_floating_point and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        if attention_mask.dtype.is_floating_point and not is_exporting() and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
             raise ValueError("attention_mask must hold 0 (padding) and 1 (real token), not additive -inf/0 values")
         return attention_mask.bool()

@@ -85,3 +85,14 @@ def test_auto_choice_rules():
     assert why_unavailable("sorted", torch.device("cpu"), torch.float32, True) is None
     why = why_unavailable("triton", torch.device("cuda"), torch.bfloat16, True)
     assert ("backward" if triton_available() else "not installed") in why
+
+
+def test_graph_backend_matches_eager_and_skips_padding():
+    from nomic_moe_modeling.experts_nomic_moe import experts_graph
+
+    x, routing, w1, w2 = make_case(N=60)
+    real = torch.rand(60) > 0.3
+    ref = BACKENDS["eager"](x, routing, w1, w2)
+    got = experts_graph(x, routing, w1, w2, real)
+    assert (got[real] - ref[real]).abs().max().item() <= 1e-5
+    assert got[~real].abs().max().item() == 0  # padding never went through an expert

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every GPU check of the routing issue in one run, for a lent GPU (the device tool), < 8 minutes:
+#   run(command="bash benchmarks/gpu_check.sh", timeout_s=540)
+# Needs only what the GPU image has (torch, transformers, triton, tokenizers, pytest): the package
+# is put on PYTHONPATH under its installed names, nothing is pip-installed. Results land in $OUT
+# (the device tool's folder) or benchmarks/out; copy the table into benchmarks/RESULTS.md with the
+# card's name and the date.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/out}
+mkdir -p "$out"
+site=$(mktemp -d)
+ln -s "$PWD/modeling" "$site/nomic_moe_modeling"
+ln -s "$PWD/conversion" "$site/nomic_moe_conversion"
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+status=0
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"; } | tee "$out/gpu_env.txt"
+
+echo "== correctness: backends, varlen attention, whole model bf16 vs fp32 (about 1 min)"
+timeout 180 python3 benchmarks/gpu_checks.py 2>&1 | tee "$out/gpu_checks.txt" || status=1
+
+echo "== unit tests on CUDA (triton kernels for real, not interpreted)"
+(cd tests && timeout 120 python3 -m pytest -q -x test_triton.py test_experts.py test_model.py -p no:cacheprovider) 2>&1 | tail -5 | tee "$out/gpu_pytest.txt" || status=1
+
+echo "== benchmark: full size, bf16 and fp16, mixed-length workload"
+timeout 240 python3 -m nomic_moe_conversion.cli bench --device cuda --dtypes bfloat16,float16 --texts 4096 \
+  --batch-size 256 --batching both --out "$out/gpu_bench.json" 2>&1 | tee "$out/gpu_bench.txt" || status=1
+exit $status

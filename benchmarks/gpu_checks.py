@@ -1,0 +1,114 @@
+"""GPU correctness checks, run by benchmarks/gpu_check.sh on a lent GPU before the benchmark.
+
+Each backend on CUDA against eager (fp32 to 1e-5 with exact products; fp16/bf16 by cosine), the
+varlen attention path against padded SDPA, and the whole model in bf16 on CUDA against fp32 on the
+CPU with near-tie routing flips counted. Prints one line per check and exits non-zero on failure.
+"""
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from nomic_moe_modeling.configuration_nomic_moe import NomicMoEConfig
+from nomic_moe_modeling.experts_nomic_moe import BACKENDS, why_unavailable
+from nomic_moe_modeling.modeling_nomic_moe import NomicMoEModel, NomicMoERouter
+
+failures = []
+
+
+def check(name, ok, detail):
+    print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
+    if not ok:
+        failures.append(name)
+
+
+def case(N, dtype, device, H=768, I=3072, E=8, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = NomicMoEConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=k)
+    router = NomicMoERouter(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(E, H, generator=g) * H**-0.5)
+    x = torch.randn(N, H, generator=g)
+    w1 = torch.randn(E, I, H, generator=g) * H**-0.5
+    w2 = torch.randn(E, I, H, generator=g) * I**-0.5
+    router = router.to(device)
+    x, w1, w2 = (t.to(device, dtype) for t in (x, w1, w2))
+    with torch.no_grad():
+        return x, router(x), w1, w2
+
+
+def main():
+    dev = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}", flush=True)
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for N in (1, 7, 333, 4096):
+                x, r, w1, w2 = case(N, dtype, dev)
+                ref = BACKENDS["eager"](x.float(), r, w1.float(), w2.float())
+                for name in ("sorted", "grouped_mm", "triton"):
+                    why = why_unavailable(name, dev, dtype, False)
+                    if why:
+                        print(f"SKIP  {name} {dtype} N={N}: {why}")
+                        continue
+                    try:
+                        got = BACKENDS[name](x, r, w1, w2).float()
+                    except Exception as e:  # a backend that crashes here is a finding, not a stop
+                        check(f"{name} {dtype} N={N}", False, f"{type(e).__name__}: {e}")
+                        continue
+                    if dtype == torch.float32:
+                        d = (got - ref).abs().max().item()
+                        # grouped_mm / sorted may use TF32 on CUDA unless disabled; triton uses exact products
+                        check(f"{name} fp32 N={N}", d <= (1e-5 if name == "triton" else 5e-3), f"max abs diff {d:.2e}")
+                    else:
+                        c = F.cosine_similarity(got, ref, dim=-1).min().item()
+                        check(f"{name} {str(dtype)[6:]} N={N}", c >= 0.999, f"min cosine {c:.5f}")
+
+        torch.manual_seed(0)
+        cfg = NomicMoEConfig()
+        cpu_model = NomicMoEModel(cfg).eval()
+        for layer in cpu_model.layers:
+            if layer.is_moe:
+                layer.mlp.router.weight.normal_(0.0, 1.0 / cfg.hidden_size**0.5)
+        lengths = [512, 300, 100, 32, 7, 1]
+        ids = torch.ones(len(lengths), 512, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, n in enumerate(lengths):
+            ids[b, :n] = torch.randint(3, 250000, (n,))
+            mask[b, :n] = 1
+        ref = cpu_model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+        gpu_model = NomicMoEModel(cfg).eval()
+        gpu_model.load_state_dict(cpu_model.state_dict())
+        gpu_model = gpu_model.to(dev, torch.bfloat16)
+        m = mask[..., None].float()
+        e32 = F.normalize((ref.last_hidden_state * m).sum(1) / m.sum(1), dim=-1)
+        for impl in ("sorted", "grouped_mm", "triton", "auto"):
+            if impl != "auto" and why_unavailable(impl, dev, torch.bfloat16, False):
+                continue
+            gpu_model.set_moe_implementation(impl)
+            out = gpu_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_router_logits=True)
+            h = out.last_hidden_state.float().cpu()
+            e16 = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+            cos = (e32 * e16).sum(-1).min().item()
+            flips = sum(
+                int((a.topk(2).indices.sort().values != b.float().cpu().topk(2).indices.sort().values).any(-1).sum())
+                for a, b in zip(ref.router_logits, out.router_logits)
+            )
+            routed = sum(a.shape[0] for a in ref.router_logits)
+            check(f"model bf16 cuda ({impl}) vs fp32 cpu", cos >= 0.999 and flips <= 0.05 * routed,
+                  f"min cosine {cos:.5f}, routing flips {flips}/{routed}; {gpu_model.layers[1].mlp.experts.extra_repr()}")
+        # varlen attention (packed, no padding) against SDPA on the padded layout
+        gpu_model.set_moe_implementation("sorted")
+        varlen = gpu_model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state.float()
+        gpu_model.config._attn_implementation = "eager"
+        padded = gpu_model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state.float()
+        gpu_model.config._attn_implementation = "sdpa"
+        real = mask.bool().to(dev)
+        c = F.cosine_similarity(varlen[real], padded[real], dim=-1).min().item()
+        check("varlen attention vs padded eager attention (bf16)", c >= 0.999, f"min token cosine {c:.5f}")
+    print(f"{len(failures)} failed" if failures else "all GPU checks passed", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""`nomic-moe bench`: the MoE model's speed against the upstream-style path and the hardware limit.
+
+Full-size model with random weights (speed does not depend on the values), a fixed mixed-length
+workload (log-normal lengths, median ~100 tokens, max 512), throughput counted in real tokens.
+
+  upstream-style  the published remote code's way: padded batch through every layer, a Python loop
+                  over experts with a host sync each (torch.where), padding routed through experts
+  ours/<backend>  packed real tokens, each expert backend in turn
+  limit           a plain dense GEMM of the FFN's shape, measured here: FLOP/s / FLOPs per real token
+"""
+
+import json
+import math
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def workload(n_texts: int, seed: int = 0, median: float = 100.0, sigma: float = 0.8, max_len: int = 512) -> List[int]:
+    """Token counts of the fixed mixed-length workload (special tokens included)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.exp(math.log(median) + sigma * torch.randn(n_texts, generator=g)).round().clamp(4, max_len)
+    return [int(n) for n in lengths]
+
+
+def batches(lengths: List[int], batch_size: int, sort: bool):
+    """Index lists. sort=False keeps arrival order (what a server sees); sort=True groups similar lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(range(len(lengths)))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def make_inputs(lengths, idx, vocab, device, seed=0):
+    g = torch.Generator().manual_seed(seed + idx[0])
+    S = max(lengths[i] for i in idx)
+    ids = torch.ones(len(idx), S, dtype=torch.long)
+    mask = torch.zeros(len(idx), S, dtype=torch.long)
+    for b, i in enumerate(idx):
+        n = lengths[i]
+        ids[b, :n] = torch.randint(3, vocab, (n,), generator=g)
+        ids[b, 0], ids[b, n - 1] = 0, 2
+        mask[b, :n] = 1
+    return ids.to(device), mask.to(device)
+
+
+def flops_per_token(cfg, mean_len: float) -> float:
+    """Matmul FLOPs per real token: projections, dense MLPs, routed experts, router, attention."""
+    H, I, L, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_experts_per_tok
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(L))
+    per_layer = 2 * H * 3 * H + 2 * H * H + 2 * 2 * mean_len * H  # qkv, out, scores + weighted sum
+    return L * per_layer + (L - n_moe) * 2 * 2 * H * I + n_moe * (k * 2 * 2 * H * I + 2 * H * cfg.num_experts)
+
+
+# ------------------------------------------------------------------------------------------------
+# The upstream-style path, on the same weights
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def upstream_style_forward(model, ids, mask):
+    """Padded batch everywhere; experts looped in Python with a host sync each; padding routed too."""
+    from nomic_moe_modeling.modeling_nomic_moe import apply_rope, rope_cos_sin
+
+    B, S = ids.shape
+    emb = model.embeddings
+    x = emb.norm(emb.word_embeddings(ids) + emb.token_type_embeddings.weight[0])  # [B, S, H]
+    H = x.shape[-1]
+    positions = torch.arange(S, device=ids.device).repeat(B)
+    additive = (1.0 - mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+    for layer in model.layers:
+        a = layer.attention
+        q, k, v = a.qkv(x).view(B * S, 3, a.num_heads, a.head_dim).unbind(1)
+        cos, sin = rope_cos_sin(positions, a.head_dim, a.rope_theta, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.view(B, S, a.num_heads, a.head_dim).transpose(1, 2) for t in (q, k, v))
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=additive).transpose(1, 2).reshape(B, S, H)
+        x = layer.attention_norm(x + a.out(ctx))
+        if layer.is_moe:
+            flat = x.view(B * S, H)
+            probs = F.linear(flat.float(), layer.mlp.router.weight.float()).softmax(-1)
+            w, top = probs.topk(layer.mlp.router.top_k, dim=-1)
+            w = w.to(x.dtype)
+            ex = layer.mlp.experts
+            out = torch.zeros_like(flat)
+            for e in range(ex.w1.shape[0]):
+                tok, slot = torch.where(top == e)
+                if tok.numel() == 0:  # host sync, once per expert per layer
+                    continue
+                y = F.gelu(flat[tok] @ ex.w1[e].T) @ ex.w2[e]
+                out.index_add_(0, tok, y * w[tok, slot, None])
+            m = (out + ex.bias).view(B, S, H)
+        else:
+            m = layer.mlp.fc2(F.gelu(layer.mlp.fc1(x)))
+        x = layer.mlp_norm(x + m)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurement
+# ------------------------------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Row:
+    path: str
+    dtype: str
+    batching: str
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    peak_mem_mib: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+def run_path(name, fn, inputs, n_tokens, device, dtype, batching, repeats=1):
+    fn(*inputs[0])  # warm-up: kernel choice, allocator, compilation
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for ids, mask in inputs:
+            fn(ids, mask)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    row = Row(name, str(dtype).replace("torch.", ""), batching, n_tokens, best, n_tokens / best, peak)
+    log(f"  {name:<22} {row.dtype:<9} {batching:<8} {row.tokens_per_s:10.0f} tok/s  ({best:.2f}s)")
+    return row
+
+
+def _best_time(fn, device, repeats=5):
+    fn()
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_flops(device, dtype, M=4096, H=768, I=3072):
+    """The hardware limit as this machine's BLAS shows it: a dense FFN GEMM pair, FLOP/s."""
+    a = torch.randn(M, H, device=device, dtype=dtype)
+    w1 = torch.randn(I, H, device=device, dtype=dtype)
+    w2 = torch.randn(H, I, device=device, dtype=dtype)
+    return 2 * 2 * M * H * I / _best_time(lambda: F.linear(F.linear(a, w1), w2), device)
+
+
+@torch.no_grad()
+def moe_layer_vs_dense(model, device, dtype, n_tokens=8192):
+    """One MoE block (route + experts) against a dense GEMM pair of the same FLOPs (N*k rows)."""
+    layer = next(l for l in model.layers if l.is_moe).mlp
+    H = model.config.hidden_size
+    I = model.config.intermediate_size
+    k = model.config.num_experts_per_tok
+    x = torch.randn(n_tokens, H, device=device, dtype=dtype)
+    moe = _best_time(lambda: layer(x, None), device)
+    a = torch.randn(n_tokens * k, H, device=device, dtype=dtype)
+    w1 = torch.randn(I, H, device=device, dtype=dtype)
+    w2 = torch.randn(H, I, device=device, dtype=dtype)
+    dense = _best_time(lambda: F.linear(F.gelu(F.linear(a, w1)), w2), device)
+    return {"moe_ms": moe * 1e3, "dense_pair_ms": dense * 1e3, "ratio": moe / dense, "tokens": n_tokens}
+
+
+@torch.no_grad()
+def query_latency(model, device, n=32, repeats=20):
+    ids = torch.randint(3, 1000, (1, n), device=device)
+    times = []
+    model(input_ids=ids)
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        model(input_ids=ids)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+@torch.no_grad()
+def embeddings(model, inputs):
+    out = []
+    for ids, mask in inputs:
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        m = mask[..., None].float()
+        out.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def build_model(device, seed=0):
+    from nomic_moe_modeling.configuration_nomic_moe import NomicMoEConfig
+    from nomic_moe_modeling.modeling_nomic_moe import NomicMoEModel
+
+    torch.manual_seed(seed)
+    cfg = NomicMoEConfig()
+    model = NomicMoEModel(cfg).eval()
+    with torch.no_grad():  # a router that chooses like a trained one: varied, not uniform
+        for layer in model.layers:
+            if layer.is_moe:
+                layer.mlp.router.weight.normal_(0.0, 1.0 / cfg.hidden_size**0.5)
+    return model.to(device)
+
+
+def bench(device="cpu", dtypes=("float32", "bfloat16"), n_texts=64, batch_size=32, threads=None,
+          backends=None, sorted_batches=(False, True), upstream=True, out=None):
+    device = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    lengths = workload(n_texts)
+    n_tokens = sum(lengths)
+    model = build_model(device)
+    cfg = model.config
+    fpt = flops_per_token(cfg, sum(n * n for n in lengths) / n_tokens)
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "texts": n_texts,
+        "real_tokens": n_tokens,
+        "median_len": sorted(lengths)[len(lengths) // 2],
+        "max_len": max(lengths),
+        "gflop_per_token": fpt / 1e9,
+    }
+    log(f"workload: {n_texts} texts, {n_tokens} real tokens, median {env['median_len']}, max {env['max_len']}; "
+        f"{fpt / 1e9:.3f} GFLOP per real token; device {env['device']}, {env['threads']} threads")
+    if backends is None:
+        backends = ["eager", "sorted", "grouped_mm"] + (["triton"] if device.type == "cuda" else [])
+    rows, limits, cosines, extras = [], {}, {}, {}
+    reference_emb = None
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        model.to(dtype)
+        limits[dname] = gemm_flops(device, dtype)
+        log(f"{dname}: dense GEMM {limits[dname] / 1e9:.1f} GFLOP/s -> limit {limits[dname] / fpt:.0f} real tok/s")
+        extras[dname] = {"query32_ms": query_latency(model, device), "moe_layer": moe_layer_vs_dense(model, device, dtype)}
+        log(f"{dname}: one 32-token query {extras[dname]['query32_ms']:.1f} ms (auto backend); MoE block "
+            f"{extras[dname]['moe_layer']['ratio']:.2f}x a dense GEMM pair of the same FLOPs")
+        for sort in sorted_batches:
+            batching = "sorted" if sort else "arrival"
+            inputs = [make_inputs(lengths, idx, cfg.vocab_size, device) for idx in batches(lengths, batch_size, sort)]
+            with torch.no_grad():
+                if upstream:
+                    rows.append(run_path("upstream-style", lambda i, m: upstream_style_forward(model, i, m), inputs, n_tokens, device, dtype, batching))
+                for b in backends:
+                    model.set_moe_implementation(b)
+                    rows.append(run_path(f"ours/{b}", lambda i, m: model(input_ids=i, attention_mask=m), inputs, n_tokens, device, dtype, batching))
+                model.set_moe_implementation("auto")
+            if not sort:
+                emb = embeddings(model, inputs)
+                if reference_emb is None:
+                    reference_emb = emb
+                cosines[dname] = float((emb * reference_emb).sum(-1).min())
+    for r in rows:
+        r.extra["fraction_of_limit"] = r.tokens_per_s * fpt / limits[r.dtype]
+    result = {"env": env, "limits_flops": limits, "min_cosine_to_first_dtype": cosines, "rows": [asdict(r) for r in rows],
+              "per_dtype": extras,
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print_table(result)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+        log(f"wrote {out}")
+    return result
+
+
+def print_table(result):
+    rows = result["rows"]
+    first = rows[0]["dtype"] if rows else ""
+    base = {r["batching"]: r["tokens_per_s"] for r in rows if r["path"] == "upstream-style" and r["dtype"] == first}
+    print(f"\n| path | dtype | batching | real tok/s | x upstream-style {first} | % of GEMM limit | peak GPU MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        speedup = r["tokens_per_s"] / base[r["batching"]] if r["batching"] in base else float("nan")
+        mem = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] else "-"
+        print(f"| {r['path']} | {r['dtype']} | {r['batching']} | {r['tokens_per_s']:.0f} | {speedup:.2f} | "
+              f"{100 * r['extra']['fraction_of_limit']:.0f}% | {mem} |")
+    for d, x in result.get("per_dtype", {}).items():
+        m = x["moe_layer"]
+        print(f"{d}: one 32-token query {x['query32_ms']:.1f} ms; MoE block over {m['tokens']} tokens "
+              f"{m['moe_ms']:.1f} ms vs dense GEMM pair {m['dense_pair_ms']:.1f} ms ({m['ratio']:.2f}x)")
+    if result["min_cosine_to_first_dtype"]:
+        print(f"\nmin embedding cosine to the first dtype: {result['min_cosine_to_first_dtype']}")
+    print(f"peak RSS: {result['peak_rss_mib']:.0f} MiB")
