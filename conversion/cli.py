@@ -52,7 +52,8 @@ def cmd_synth(a):
 
     shape = real_size_shape() if a.real_size else {}
     t0 = time.time()
-    folder = make_published_checkpoint(a.out, seed=a.seed, **shape)
+    # at the real size, initializer-scale weights: a stable network like a trained one (see random_weights)
+    folder = make_published_checkpoint(a.out, seed=a.seed, weight_std=0.02 if a.real_size else None, **shape)
     print(f"wrote a random checkpoint in the published layout to {folder} ({time.time() - t0:.1f}s)", file=sys.stderr)
 
 
@@ -77,6 +78,20 @@ def cmd_upcycle(a):
 
     upcycle(a.dense, a.out, experts=a.experts, top_k=a.top_k, every=a.every, renormalize=a.renormalize,
             bias=a.bias, seed=a.seed, tokenizer=a.tokenizer, force=a.force)
+
+
+def cmd_bench_onnx(a):
+    from .bench import bench_onnx
+
+    bench_onnx(resolve_model(a.model_dir), files=a.files.split(","), provider=a.provider, torch_dtypes=a.torch_dtypes.split(","),
+               n_texts=a.texts, batch_size=a.batch_size, threads=a.threads, out=a.out)
+
+
+def cmd_release(a):
+    from .release import release
+
+    release(a.src, a.out, repo_id=a.repo_id, push_to=a.push, dry_run=a.dry_run, force=a.force, exporter=a.exporter,
+            results_md=a.results, synthetic=a.synthetic, private=a.private)
 
 
 def find_real_checkpoint():
@@ -179,6 +194,30 @@ def build_parser():
     u.add_argument("--tokenizer")
     u.add_argument("--force", action="store_true")
     u.set_defaults(func=cmd_upcycle)
+
+    bo = sub.add_parser("bench-onnx", help="ONNX Runtime files against PyTorch on the same workload")
+    bo.add_argument("model_dir", help="a converted folder with onnx/ (nomic-moe export-onnx)")
+    bo.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    bo.add_argument("--files", default="model.onnx,model_fused.onnx,model_qint8_avx512.onnx")
+    bo.add_argument("--torch-dtypes", default="float32,bfloat16")
+    bo.add_argument("--texts", type=int, default=64)
+    bo.add_argument("--batch-size", type=int, default=32)
+    bo.add_argument("--threads", type=int)
+    bo.add_argument("--out")
+    bo.set_defaults(func=cmd_bench_onnx)
+
+    r = sub.add_parser("release", help="convert + ONNX + verify + model card: a Hub-ready folder, optionally uploaded")
+    r.add_argument("src", help="published-layout or our-format checkpoint; folder or repo id")
+    r.add_argument("out")
+    r.add_argument("--push", metavar="ORG/NAME", help="upload OUT to this Hub repo (token from HF_TOKEN or the login)")
+    r.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
+    r.add_argument("--repo-id", default="nomic-ai/nomic-embed-text-v2-moe", help="the repo id the model card's snippets use")
+    r.add_argument("--exporter", choices=["auto", "optimum", "torch"], default="auto")
+    r.add_argument("--results", help="benchmarks/RESULTS.md to take the speed table from")
+    r.add_argument("--synthetic", action="store_true", help="say in the card that the weights are random")
+    r.add_argument("--private", action="store_true")
+    r.add_argument("--force", action="store_true")
+    r.set_defaults(func=cmd_release)
 
     d = sub.add_parser("demo", help="convert, verify and encode the model card's examples")
     d.add_argument("src", nargs="?", help="checkpoint folder (default: the Hub cache, else a synthetic one)")

@@ -271,6 +271,14 @@ def verify(folder: Path, kw: dict, published: Dict[str, torch.Tensor], dtype: to
     return diff
 
 
+def make_readable(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and safetensors 0600 files; a model folder is meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def check_out_dir(out: str, force: bool) -> Path:
     out_dir = Path(out).expanduser().resolve()
     if out_dir.exists() and not force:
@@ -285,6 +293,7 @@ def write_verified(out_dir: Path, kw: dict, ours: dict, published: dict, tokeniz
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         write_model_folder(tmp, kw, ours, tokenizer_dir)
+        make_readable(tmp)
         if check:
             verify(tmp, kw, published, target_dtype)
         log(f"[4/4] moving into place: {out_dir}")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .convert import make_readable
 from .errors import UserError
 
 OPSET = 17
@@ -222,9 +223,12 @@ def to_int8(src: Path, dst: Path):
     models (embedding cosine ~0.995); block-wise weights keep it above 0.9999. The router stays fp32:
     a flipped expert choice costs more than the router's few FLOPs save.
     """
+    import logging
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = onnx.load(str(src))
     router = [n.name for n in model.graph.node if "router" in n.name]
     q = MatMulNBitsQuantizer(model, bits=8, block_size=32, is_symmetric=True, accuracy_level=4, nodes_to_exclude=router)
@@ -357,6 +361,7 @@ def export_onnx(model_dir, exporter: str = "auto", variants=("model", "fused", "
         if failed:
             raise UserError(f"validation failed for {', '.join(FILES[w] for w in failed)}", "nothing was written; see the numbers above")
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
+        make_readable(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

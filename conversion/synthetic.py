@@ -136,8 +136,15 @@ def published_config(
     }
 
 
-def random_weights(config: dict, seed: int = 0) -> dict:
-    """Random tensors for every published key, scaled so activations stay O(1)."""
+def random_weights(config: dict, seed: int = 0, weight_std=None) -> dict:
+    """Random tensors for every published key.
+
+    weight_std None: matrices at 1/sqrt(fan_in), so every branch is as large as the residual stream;
+    a strong signal for small test models, but at 12 layers the network turns chaotic and any
+    rounding (bf16, fp16, int8) or routing flip grows without bound, which trained models do not
+    do. weight_std 0.02 (transformers' initializer_range): small branches, a stable network, the
+    right stand-in for speed and precision work at the real size.
+    """
     from .layout import our_config_kwargs
 
     kw = our_config_kwargs(config)
@@ -147,16 +154,18 @@ def random_weights(config: dict, seed: int = 0) -> dict:
         if key.endswith(("norm1.weight", "norm2.weight", "emb_ln.weight")):
             t = 1.0 + 0.1 * torch.randn(shape, generator=g)
         elif key.endswith("router.layer.weight"):
-            t = torch.randn(shape, generator=g) * (1.0 / shape[1] ** 0.5)  # logits O(1): real choices
+            # logits with std ~1.6 make the top-2 weights sum to ~0.7, as in the published model (SPEC §2)
+            t = torch.randn(shape, generator=g) * (1.6 / shape[1] ** 0.5)
         elif len(shape) == 1:
             t = 0.05 * torch.randn(shape, generator=g)  # biases, experts.bias included: non-zero on purpose
         else:
-            t = torch.randn(shape, generator=g) * (1.0 / shape[-1] ** 0.5)
+            t = torch.randn(shape, generator=g) * (weight_std if weight_std else 1.0 / shape[-1] ** 0.5)
         weights[key] = t.contiguous()
     return weights
 
 
-def make_published_checkpoint(folder, *, tokenizer_vocab: int = 500, seed: int = 0, tokenizer: bool = True, **shape) -> Path:
+def make_published_checkpoint(folder, *, tokenizer_vocab: int = 500, seed: int = 0, tokenizer: bool = True,
+                              weight_std=None, **shape) -> Path:
     """Writes config.json + model.safetensors (+ tokenizer) in the published layout; returns the folder.
 
     ``shape`` takes published_config's keywords (hidden_size, num_layers, num_experts, top_k, ...).
@@ -169,7 +178,7 @@ def make_published_checkpoint(folder, *, tokenizer_vocab: int = 500, seed: int =
     shape.setdefault("vocab_size", -(-tokenizer_vocab // 64) * 64)
     config = published_config(**shape)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(random_weights(config, seed), str(folder / "model.safetensors"))
+    save_file(random_weights(config, seed, weight_std), str(folder / "model.safetensors"))
     return folder
 
 

@@ -1,0 +1,1 @@
+"""The model card: a template filled from measured data only."""
