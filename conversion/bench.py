@@ -222,7 +222,7 @@ def build_model(device, seed=0):
 
 
 def bench(device="cpu", dtypes=("float32", "bfloat16"), n_texts=64, batch_size=32, threads=None,
-          backends=None, sorted_batches=(False, True), upstream=True, out=None):
+          backends=None, sorted_batches=(False, True), upstream=True, out=None, repeats=2):
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -259,20 +259,32 @@ def bench(device="cpu", dtypes=("float32", "bfloat16"), n_texts=64, batch_size=3
         for sort in sorted_batches:
             batching = "sorted" if sort else "arrival"
             inputs = [make_inputs(lengths, idx, cfg.vocab_size, device) for idx in batches(lengths, batch_size, sort)]
+            paths = ([("upstream-style", None)] if upstream else []) + [(f"ours/{b}", b) for b in backends]
+            best = {}
             with torch.no_grad():
-                if upstream:
-                    rows.append(run_path("upstream-style", lambda i, m: upstream_style_forward(model, i, m), inputs, n_tokens, device, dtype, batching))
-                for b in backends:
-                    model.set_moe_implementation(b)
-                    rows.append(run_path(f"ours/{b}", lambda i, m: model(input_ids=i, attention_mask=m), inputs, n_tokens, device, dtype, batching))
+                # Interleaved repeats, each with the GEMM limit measured just before it: shared machines
+                # drift (we saw the same GEMM run at 200 and at 100 GFLOP/s an hour apart), and a
+                # ratio is only honest between runs taken under the same conditions.
+                for _ in range(repeats):
+                    for name, backend in paths:
+                        if backend is None:
+                            fn = lambda i, m: upstream_style_forward(model, i, m)  # noqa: E731
+                        else:
+                            model.set_moe_implementation(backend)
+                            fn = lambda i, m: model(input_ids=i, attention_mask=m)  # noqa: E731
+                        limit = gemm_flops(device, dtype, M=2048)
+                        row = run_path(name, fn, inputs, n_tokens, device, dtype, batching)
+                        row.extra["fraction_of_limit"] = row.tokens_per_s * fpt / limit
+                        row.extra["limit_gflops"] = limit / 1e9
+                        if name not in best or row.tokens_per_s > best[name].tokens_per_s:
+                            best[name] = row
                 model.set_moe_implementation("auto")
+            rows.extend(best[name] for name, _ in paths)
             if not sort:
                 emb = embeddings(model, inputs)
                 if reference_emb is None:
                     reference_emb = emb
                 cosines[dname] = float((emb * reference_emb).sum(-1).min())
-    for r in rows:
-        r.extra["fraction_of_limit"] = r.tokens_per_s * fpt / limits[r.dtype]
     result = {"env": env, "limits_flops": limits, "min_cosine_to_first_dtype": cosines, "rows": [asdict(r) for r in rows],
               "per_dtype": extras,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -288,13 +300,13 @@ def print_table(result):
     rows = result["rows"]
     first = rows[0]["dtype"] if rows else ""
     base = {r["batching"]: r["tokens_per_s"] for r in rows if r["path"] == "upstream-style" and r["dtype"] == first}
-    print(f"\n| path | dtype | batching | real tok/s | x upstream-style {first} | % of GEMM limit | peak GPU MiB |")
+    print(f"\n| path | dtype | batching | real tok/s | x upstream-style {first} | % of GEMM limit (GFLOP/s then) | peak GPU MiB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         speedup = r["tokens_per_s"] / base[r["batching"]] if r["batching"] in base else float("nan")
         mem = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] else "-"
         print(f"| {r['path']} | {r['dtype']} | {r['batching']} | {r['tokens_per_s']:.0f} | {speedup:.2f} | "
-              f"{100 * r['extra']['fraction_of_limit']:.0f}% | {mem} |")
+              f"{100 * r['extra']['fraction_of_limit']:.0f}% ({r['extra']['limit_gflops']:.0f}) | {mem} |")
     for d, x in result.get("per_dtype", {}).items():
         m = x["moe_layer"]
         print(f"{d}: one 32-token query {x['query32_ms']:.1f} ms; MoE block over {m['tokens']} tokens "

@@ -22,10 +22,18 @@ def cmd_convert(a):
 def cmd_encode(a):
     import torch
 
-    from .encode import Encoder
+    if a.onnx:
+        from .onnx_runtime import OnnxEncoder
 
-    enc = Encoder(resolve_model(a.model), device=a.device)
-    emb = enc.encode(a.texts, prompt=a.prompt, dim=a.dim)
+        name = a.onnx if "/" in a.onnx else f"onnx/{a.onnx}"
+        enc = OnnxEncoder(resolve_model(a.model), name, provider=a.provider)
+        emb = torch.from_numpy(enc.encode(a.texts, prompt=a.prompt, dim=a.dim))
+        print(f"ONNX Runtime: {name} on {enc.session.get_providers()[0]}", file=sys.stderr)
+    else:
+        from .encode import Encoder
+
+        enc = Encoder(resolve_model(a.model), device=a.device)
+        emb = enc.encode(a.texts, prompt=a.prompt, dim=a.dim)
     for text, e in zip(a.texts, emb):
         print(json.dumps({"text": text, "prompt": a.prompt, "dim": len(e), "embedding": [round(v, 6) for v in e.tolist()]}))
     if len(a.texts) > 1:
@@ -62,7 +70,8 @@ def cmd_bench(a):
 
     sort = {"arrival": (False,), "sorted": (True,), "both": (False, True)}[a.batching]
     bench(device=a.device, dtypes=a.dtypes.split(","), n_texts=a.texts, batch_size=a.batch_size, threads=a.threads,
-          backends=a.backends.split(",") if a.backends else None, sorted_batches=sort, upstream=not a.no_upstream, out=a.out)
+          backends=a.backends.split(",") if a.backends else None, sorted_batches=sort, upstream=not a.no_upstream, out=a.out,
+          repeats=a.repeats)
 
 
 def cmd_export_onnx(a):
@@ -105,8 +114,8 @@ def find_real_checkpoint():
 
 
 def cmd_demo(a):
-    from .convert import convert
     from .encode import Encoder
+    from .release import release
     from .synthetic import make_published_checkpoint
 
     work = Path(a.workdir)
@@ -122,16 +131,20 @@ def cmd_demo(a):
         src = make_published_checkpoint(work / "synthetic-source", seed=0)
     else:
         print(f"using the checkpoint at {src}", file=sys.stderr)
-    out = convert(str(src), str(work / "converted"), force=True)
+    out = release(str(src), str(work / "release"), force=True, synthetic=synthetic)
+    card = (out / "README.md").read_text().split("---\n", 2)[-1].strip().splitlines()
+    print("\nmodel card (first lines):")
+    for line in card[:14]:
+        print("  " + line)
     enc = Encoder(out)
     emb = enc.encode(CARD_EXAMPLES, prompt="passage")
     cos = float(emb[0] @ emb[1])
     print_similarity([f"passage: {t}" for t in CARD_EXAMPLES], emb @ emb.T)
-    print(f"cosine('Hello!', '¡Hola!') with the passage prompt: {cos:.4f}" + ("  (real model: 0.9118)" if not synthetic else "  (synthetic weights)"))
+    print(f"\ncosine('Hello!', '¡Hola!') with the passage prompt: {cos:.4f}" + ("  (real model: 0.9118)" if not synthetic else "  (synthetic weights)"))
     q = enc.encode(["What food did they eat?"], prompt="query")
     d = enc.encode(["The settlers ate bread and fish.", "Thunderstorms are expected today."], prompt="document")
     print(f"query vs documents: {[round(v, 4) for v in (q @ d.T)[0].tolist()]}")
-    print(f"converted model: {out}")
+    print(f"release folder, ready to upload (nomic-moe release ... --push ORG/NAME): {out}")
 
 
 def build_parser():
@@ -152,7 +165,10 @@ def build_parser():
     e.add_argument("texts", nargs="+")
     e.add_argument("--prompt", help="prompt name: query, document, passage, classification, clustering, ...")
     e.add_argument("--dim", type=int, help="Matryoshka dimension (768 or 256), re-normalised")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="cpu", help="PyTorch device (cpu, cuda)")
+    e.add_argument("--onnx", nargs="?", const="model.onnx", metavar="FILE",
+                   help="run ONNX Runtime on onnx/FILE instead of PyTorch (default model.onnx)")
+    e.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider, with --onnx")
     e.set_defaults(func=cmd_encode)
 
     s = sub.add_parser("synth", help="write a random checkpoint in the published layout (tests, benchmarks)")
@@ -170,6 +186,7 @@ def build_parser():
     b.add_argument("--backends", help="comma list (default: all that run on the device)")
     b.add_argument("--batching", choices=["arrival", "sorted", "both"], default="both")
     b.add_argument("--no-upstream", action="store_true")
+    b.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every path; the best counts")
     b.add_argument("--out", help="write the results as JSON here")
     b.set_defaults(func=cmd_bench)
 
@@ -219,7 +236,7 @@ def build_parser():
     r.add_argument("--force", action="store_true")
     r.set_defaults(func=cmd_release)
 
-    d = sub.add_parser("demo", help="convert, verify and encode the model card's examples")
+    d = sub.add_parser("demo", help="release (convert, ONNX, verify, card) and encode the model card's examples")
     d.add_argument("src", nargs="?", help="checkpoint folder (default: the Hub cache, else a synthetic one)")
     d.add_argument("--workdir", default=os.environ.get("NOMIC_MOE_DEMO_DIR", ".demo"))
     d.set_defaults(func=cmd_demo)

@@ -107,3 +107,18 @@ def test_sentence_transformers_and_optimum_load_the_files(exported):
     batch = tok(["search_document: hello"], return_tensors="pt")
     h = ort_model(**batch).last_hidden_state
     assert h.shape[-1] == 64
+
+
+def test_cli_encode_with_onnx(exported):
+    import subprocess
+    import sys
+
+    folder, _ = exported
+    args = [sys.executable, "-m", "nomic_moe_conversion.cli", "encode", str(folder), "--prompt", "query", "first", "second"]
+    torch_run = subprocess.run(args, capture_output=True, text=True)
+    onnx_run = subprocess.run(args[:5] + ["--onnx", "model_qint8_avx512.onnx"] + args[5:], capture_output=True, text=True)
+    assert torch_run.returncode == 0 and onnx_run.returncode == 0, onnx_run.stderr
+    assert "ONNX Runtime: onnx/model_qint8_avx512.onnx on CPUExecutionProvider" in onnx_run.stderr
+    a = np.array([json.loads(line)["embedding"] for line in torch_run.stdout.splitlines()])
+    b = np.array([json.loads(line)["embedding"] for line in onnx_run.stdout.splitlines()])
+    assert (a * b).sum(-1).min() >= 0.999
