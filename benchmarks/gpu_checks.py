@@ -10,6 +10,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from nomic_moe_conversion.release import half_precision_row
 from nomic_moe_modeling.configuration_nomic_moe import NomicMoEConfig
 from nomic_moe_modeling.experts_nomic_moe import BACKENDS, why_unavailable
 from nomic_moe_modeling.modeling_nomic_moe import NomicMoEModel, NomicMoERouter
@@ -40,6 +41,7 @@ def case(N, dtype, device, H=768, I=3072, E=8, k=2, seed=0):
 
 def main():
     dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 checks compare exact fp32 products
     print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}", flush=True)
     with torch.no_grad():
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -58,8 +60,7 @@ def main():
                         continue
                     if dtype == torch.float32:
                         d = (got - ref).abs().max().item()
-                        # grouped_mm / sorted may use TF32 on CUDA unless disabled; triton uses exact products
-                        check(f"{name} fp32 N={N}", d <= (1e-5 if name == "triton" else 5e-3), f"max abs diff {d:.2e}")
+                        check(f"{name} fp32 N={N}", d <= 1e-4, f"max abs diff {d:.2e}")  # TF32 is off
                     else:
                         c = F.cosine_similarity(got, ref, dim=-1).min().item()
                         check(f"{name} {str(dtype)[6:]} N={N}", c >= 0.999, f"min cosine {c:.5f}")
@@ -69,7 +70,7 @@ def main():
         cpu_model = NomicMoEModel(cfg).eval()
         for layer in cpu_model.layers:
             if layer.is_moe:
-                layer.mlp.router.weight.normal_(0.0, 1.0 / cfg.hidden_size**0.5)
+                layer.mlp.router.weight.normal_(0.0, 1.6 / cfg.hidden_size**0.5)
         lengths = [512, 300, 100, 32, 7, 1]
         ids = torch.ones(len(lengths), 512, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -89,14 +90,10 @@ def main():
             out = gpu_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_router_logits=True)
             h = out.last_hidden_state.float().cpu()
             e16 = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
-            cos = (e32 * e16).sum(-1).min().item()
-            flips = sum(
-                int((a.topk(2).indices.sort().values != b.float().cpu().topk(2).indices.sort().values).any(-1).sum())
-                for a, b in zip(ref.router_logits, out.router_logits)
-            )
-            routed = sum(a.shape[0] for a in ref.router_logits)
-            check(f"model bf16 cuda ({impl}) vs fp32 cpu", cos >= 0.999 and flips <= 0.05 * routed,
-                  f"min cosine {cos:.5f}, routing flips {flips}/{routed}; {gpu_model.layers[1].mlp.experts.extra_repr()}")
+            row = half_precision_row("bf16", e16, e32, ref.router_logits, [l.cpu() for l in out.router_logits], mask)
+            check(f"model bf16 cuda ({impl}) vs fp32 cpu", row["ok"],
+                  f"min cosine {row['min_cosine']:.5f} ({row['min_cosine_without_flips']:.5f} without flips), "
+                  f"routing flips {row['routing_flips']}; {gpu_model.layers[1].mlp.experts.extra_repr()}")
         # varlen attention (packed, no padding) against SDPA on the padded layout
         gpu_model.set_moe_implementation("sorted")
         varlen = gpu_model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state.float()

@@ -322,8 +322,13 @@ def print_table(result):
 
 
 def bench_onnx(model_dir, files=("model.onnx", "model_fused.onnx", "model_qint8_avx512.onnx"), provider="cpu",
-               torch_dtypes=("float32", "bfloat16"), n_texts=64, batch_size=32, threads=None, out=None):
-    """ORT sessions on MODEL_DIR/onnx/* against the PyTorch model, arrival-order batches, real tokens/s."""
+               torch_dtypes=("float32", "bfloat16"), n_texts=64, batch_size=32, threads=None, out=None, sort=False):
+    """ORT sessions on MODEL_DIR/onnx/* against the PyTorch model on the same batches, real tokens/s.
+
+    sort=False: arrival order (what a server sees); sort=True: batches of similar lengths, as
+    OnnxEncoder and sentence-transformers make them (the graphs run the padded batch, PyTorch does not).
+    """
+    batching = "sorted" if sort else "arrival"
     from pathlib import Path
 
     from transformers import AutoModel
@@ -337,14 +342,14 @@ def bench_onnx(model_dir, files=("model.onnx", "model_fused.onnx", "model_qint8_
     lengths = workload(n_texts)
     n_tokens = sum(lengths)
     model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True, dtype=torch.float32).eval().to(device)
-    inputs = [make_inputs(lengths, idx, model.config.vocab_size, device) for idx in batches(lengths, batch_size, False)]
-    log(f"workload: {n_texts} texts, {n_tokens} real tokens; provider {provider}, {torch.get_num_threads()} torch threads")
+    inputs = [make_inputs(lengths, idx, model.config.vocab_size, device) for idx in batches(lengths, batch_size, sort)]
+    log(f"workload: {n_texts} texts, {n_tokens} real tokens, {batching} batches; provider {provider}, {torch.get_num_threads()} torch threads")
     rows, cos = [], {}
     with torch.no_grad():
         reference = torch.cat([model(input_ids=i, attention_mask=m, return_sentence_embedding=True).sentence_embedding.float().cpu() for i, m in inputs])
         for dname in torch_dtypes:
             model.to(DTYPES[dname])
-            rows.append(run_path("pytorch", lambda i, m: model(input_ids=i, attention_mask=m), inputs, n_tokens, device, DTYPES[dname], "arrival"))
+            rows.append(run_path("pytorch", lambda i, m: model(input_ids=i, attention_mask=m), inputs, n_tokens, device, DTYPES[dname], batching))
     del model
     cpu_inputs = [(i.cpu().numpy(), m.cpu().numpy()) for i, m in inputs]
     for name in files:
@@ -362,7 +367,7 @@ def bench_onnx(model_dir, files=("model.onnx", "model_fused.onnx", "model_qint8_
 
         emb = torch.cat([torch.from_numpy(run(i, m)).float() for i, m in cpu_inputs])
         cos[name] = float((emb * reference).sum(-1).min())
-        row = run_path(f"onnxruntime/{name}", run, cpu_inputs, n_tokens, torch.device("cpu"), torch.float32, "arrival")
+        row = run_path(f"onnxruntime/{name}", run, cpu_inputs, n_tokens, torch.device("cpu"), torch.float32, batching)
         row.dtype = "fp16" if "fp16" in name else ("int8" if "int8" in name else "float32")
         rows.append(row)
     base = rows[0].tokens_per_s
@@ -371,7 +376,7 @@ def bench_onnx(model_dir, files=("model.onnx", "model_fused.onnx", "model_qint8_
     for r in rows:
         c = cos.get(r.path.split("/", 1)[-1], None)
         print(f"| {r.path} | {r.dtype} | {r.tokens_per_s:.0f} | {r.tokens_per_s / base:.2f} | {'' if c is None else f'{c:.5f}'} |")
-    result = {"provider": provider, "texts": n_texts, "real_tokens": n_tokens, "rows": [asdict(r) for r in rows], "min_cosine": cos}
+    result = {"provider": provider, "batching": batching, "texts": n_texts, "real_tokens": n_tokens, "rows": [asdict(r) for r in rows], "min_cosine": cos}
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=2)

@@ -93,7 +93,7 @@ def cmd_bench_onnx(a):
     from .bench import bench_onnx
 
     bench_onnx(resolve_model(a.model_dir), files=a.files.split(","), provider=a.provider, torch_dtypes=a.torch_dtypes.split(","),
-               n_texts=a.texts, batch_size=a.batch_size, threads=a.threads, out=a.out)
+               n_texts=a.texts, batch_size=a.batch_size, threads=a.threads, out=a.out, sort=a.batching == "sorted")
 
 
 def cmd_release(a):
@@ -220,6 +220,7 @@ def build_parser():
     bo.add_argument("--texts", type=int, default=64)
     bo.add_argument("--batch-size", type=int, default=32)
     bo.add_argument("--threads", type=int)
+    bo.add_argument("--batching", choices=["arrival", "sorted"], default="arrival")
     bo.add_argument("--out")
     bo.set_defaults(func=cmd_bench_onnx)
 

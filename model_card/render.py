@@ -48,7 +48,8 @@ def verification_table(report: dict) -> str:
     rows = ["| path | min cosine to reference | max abs diff | bound | result |", "|---|---|---|---|---|"]
     for r in report["paths"]:
         diff = "" if r.get("max_abs") is None else f"{r['max_abs']:.1e}"
-        rows.append(f"| {r['path']} | {r['min_cosine']:.6f} | {diff} | {r['bound']} | {'pass' if r['ok'] else 'FAIL'} |")
+        bound = r["bound"] + (f"; routing flips: {r['routing_flips']}" if "routing_flips" in r else "")
+        rows.append(f"| {r['path']} | {r['min_cosine']:.6f} | {diff} | {bound} | {'pass' if r['ok'] else 'FAIL'} |")
     return "\n".join(rows)
 
 

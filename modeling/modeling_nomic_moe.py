@@ -10,8 +10,12 @@ outputs are combined with the router weights plus one shared bias.
 
 Padding costs nothing here: the real tokens are packed into one [N, H] matrix before the
 position-wise work (embeddings, projections, MLPs, router, experts, LayerNorms). Only the softmax
-attention itself sees the sequences, re-laid out right-padded to the longest real length. So a
-token's output does not depend on how much padding, or which batch partners, came with it.
+attention itself sees the texts: a variable-length kernel on CUDA, one SDPA call per text on the
+CPU, else SDPA on a layout right-padded to the longest real text. So a token's output does not
+depend on how much padding, or which batch partners, came with it.
+
+Under a graph exporter (ONNX, torch.export) shapes cannot come from the data, so the model runs
+the padded batch instead (PaddedPacking) and the experts unrolled (experts_graph), still sparse.
 """
 
 from dataclasses import dataclass
@@ -320,7 +324,9 @@ class NomicMoERouter(nn.Module):
             return Routing(logits, weights.to(x.dtype), experts, None, None, None)
         flat = experts.flatten()  # [N*k]
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.weight.shape[0])
+        # scatter-add, not bincount: CUDA's bincount reads the max back to the host to size its output
+        counts = torch.zeros(self.weight.shape[0], dtype=torch.long, device=x.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))
         offsets = F.pad(counts.cumsum(0), (1, 0))
         return Routing(logits, weights.to(x.dtype), experts, order, counts, offsets)
 
