@@ -3,9 +3,10 @@
 Files written to MODEL_DIR/onnx/ (inputs input_ids, attention_mask; outputs last_hidden_state,
 sentence_embedding; dynamic batch and sequence axes):
 
-  model.onnx                 fp32, exact math (erf GELU), sparse: each real token only through its
-                             top-k experts (one NonZero + Gather per expert, nothing routing-specific
-                             frozen in). Through optimum's main_export where optimum is installed,
+  model.onnx                 fp32, exact math (erf GELU), packed: the real tokens are gathered once
+                             (NonZero) and padding skips every position-wise step; sparse: each
+                             token only through its top-k experts (one NonZero + Gather per expert),
+                             nothing shape- or routing-specific frozen in. Through optimum's main_export where optimum is installed,
                              else torch.onnx directly; the same graph either way.
   model_fused.onnx           fp32, each MoE layer as ONNX Runtime's com.microsoft.MoE (softmax + top-k
                              inside, no renormalisation; its GELU is the tanh form) plus the shared bias

@@ -34,17 +34,17 @@ def experts_eager(x, routing, w1, w2):
     return out
 
 
-def experts_graph(x, routing, w1, w2, real):
+def experts_graph(x, routing, w1, w2):
     """The exportable form (ONNX, torch.export): no host sync, no sort, shapes from the graph.
 
-    Unrolled over experts; each gathers only the real tokens routed to it, so padding and unchosen
-    experts cost nothing. real: [N] bool, False at padding positions.
+    Unrolled over experts; each gathers only the tokens routed to it (NonZero + Gather), so
+    unchosen experts cost nothing.
     """
     out = torch.zeros_like(x)
     for e in range(w1.shape[0]):
         hit = routing.experts == e  # [N, k]
         weight = (routing.weights * hit.to(routing.weights.dtype)).sum(-1)  # [N]
-        idx = torch.nonzero(hit.any(-1) & real).squeeze(1)  # [n_e]
+        idx = torch.nonzero(hit.any(-1)).squeeze(1)  # [n_e]
         y = F.gelu(x[idx] @ w1[e].T) @ w2[e]
         out = out.index_add(0, idx, y * weight[idx].unsqueeze(-1))
     return out

@@ -14,8 +14,9 @@ attention itself sees the texts: a variable-length kernel on CUDA, one SDPA call
 CPU, else SDPA on a layout right-padded to the longest real text. So a token's output does not
 depend on how much padding, or which batch partners, came with it.
 
-Under a graph exporter (ONNX, torch.export) shapes cannot come from the data, so the model runs
-the padded batch instead (PaddedPacking) and the experts unrolled (experts_graph), still sparse.
+Under a graph exporter (ONNX, torch.export) no size may be read back from the data, so the
+packing stays (NonZero + Gather in the graph) but attention uses the input's own [B, S] layout,
+and the experts run unrolled (experts_graph), still sparse.
 """
 
 from dataclasses import dataclass
@@ -74,26 +75,32 @@ class Packing:
     attn_index: torch.Tensor
     key_mask: torch.Tensor
     cu_seqlens: torch.Tensor
+    graph: bool = False  # built for a graph exporter: attention in the input's [B, S] layout
 
     @property
     def max_len(self) -> int:
         return self.key_mask.shape[1]
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor) -> "Packing":
+    def from_mask(cls, mask: torch.Tensor, graph: bool = False) -> "Packing":
         B, S = mask.shape
-        positions = mask.long().cumsum(1) - 1  # [B, S]
-        token_index = mask.flatten().nonzero().squeeze(1)  # [N], one host sync per forward
-        lengths = mask.sum(1)  # [B]
-        L = max(int(lengths.max()), 1) if B else 1
-        positions = positions.flatten()[token_index]
-        rows = token_index // S
-        attn_index = rows * L + positions
-        key_mask = torch.arange(L, device=mask.device)[None, :] < lengths[:, None]
-        # A text with no real token has no key to attend to; give it one so softmax stays finite.
-        key_mask[:, 0] = True
+        keys = mask.bool()
+        positions = keys.long().cumsum(1) - 1  # [B, S]
+        token_index = keys.flatten().nonzero().squeeze(1)  # [N]
+        lengths = keys.sum(1)  # [B]
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        return cls(B, S, token_index, positions, attn_index, key_mask, cu_seqlens)
+        positions = positions.flatten()[token_index]
+        if graph:
+            # no size read back from the data: attention runs over the input's own layout
+            attn_index, key_mask = token_index, keys
+        else:
+            L = max(int(lengths.max()), 1) if B else 1  # the one host sync of a forward pass
+            attn_index = (token_index // S) * L + positions
+            key_mask = torch.arange(L, device=mask.device)[None, :] < lengths[:, None]
+        # a text with no real token has no key to attend to; give it one so softmax stays finite
+        empty = ~keys.any(1, keepdim=True)  # [B, 1]
+        key_mask = key_mask | (empty & (torch.arange(key_mask.shape[1], device=mask.device) == 0)[None, :])
+        return cls(B, S, token_index, positions, attn_index, key_mask, cu_seqlens, graph)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, ...] -> [N, ...]"""
@@ -115,40 +122,6 @@ class Packing:
     def from_attention_layout(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> [N, ...]"""
         return x.flatten(0, 1)[self.attn_index]
-
-
-class PaddedPacking(Packing):
-    """The layout for graph export (ONNX, torch.export): every [B*S] position, padding included.
-
-    A traced graph cannot size tensors from the data (the number of real tokens, the longest
-    text), so here the position-wise parts run over the padded batch; the experts still see only
-    real tokens (``real``), and RoPE positions still come from the mask.
-    """
-
-    @classmethod
-    def from_mask(cls, mask: torch.Tensor) -> "PaddedPacking":
-        B, S = mask.shape
-        keys = mask.bool()
-        positions = (mask.long().cumsum(1) - 1).clamp(min=0).flatten()
-        # a text with no real token attends to its first position, so softmax stays finite
-        empty = ~keys.any(1, keepdim=True)  # [B, 1]
-        keys = keys | (empty & (torch.arange(S, device=mask.device) == 0)[None, :])
-        out = cls(B, S, None, positions, None, keys, None)
-        out.real = mask.flatten().bool()  # [B*S]
-        return out
-
-    def pack(self, x):
-        return x.flatten(0, 1)
-
-    def unpack(self, x):
-        keep = self.real.view((-1,) + (1,) * (x.dim() - 1))
-        return torch.where(keep, x, torch.zeros_like(x)).view((self.batch, self.seq_len) + x.shape[1:])
-
-    def to_attention_layout(self, x):
-        return x.view((self.batch, self.seq_len) + x.shape[1:])
-
-    def from_attention_layout(self, x):
-        return x.flatten(0, 1)
 
 
 def is_exporting() -> bool:
@@ -232,7 +205,7 @@ class NomicMoEAttention(nn.Module):
         cos, sin = rope_cos_sin(packing.positions, self.head_dim, self.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        implementation = "sdpa-padded" if isinstance(packing, PaddedPacking) else self.config._attn_implementation
+        implementation = "sdpa-padded" if packing.graph else self.config._attn_implementation
         varlen = varlen_kernel(q, implementation)
         if varlen is not None:  # the packed tokens as they are: no padding anywhere
             L = packing.max_len
@@ -372,9 +345,9 @@ class NomicMoESparseBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, packing: Packing):
         routing = self.router(x)
-        if isinstance(packing, PaddedPacking):  # graph export: padding present, skip it in the experts
+        if packing.graph:  # graph export: no host sync, no sort
             experts = self.experts
-            return experts_graph(x, routing, experts.w1, experts.w2, packing.real) + experts.bias, routing
+            return experts_graph(x, routing, experts.w1, experts.w2) + experts.bias, routing
         return self.experts(x, routing), routing
 
 
@@ -495,7 +468,7 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
             return_dict = getattr(self.config, "return_dict", True)
 
         exporting = is_exporting()
-        packing = (PaddedPacking if exporting else Packing).from_mask(mask)
+        packing = Packing.from_mask(mask, graph=exporting)
         ids = packing.pack(input_ids)  # [N]
         types = packing.pack(token_type_ids) if token_type_ids is not None else torch.zeros_like(ids)
         x = self.embeddings(ids, types)  # [N, H]
