@@ -47,6 +47,7 @@ def test_card_is_rendered_from_measurements(released):
     assert f"{total:,}" in card and f"{active:,}" in card
     assert "| search_query" not in card or "`search_query: `" in card
     assert "52.86" in card  # the paper's table, cited as the paper's
+    assert "real tokens/s" in card and "CPU" in card  # the speed section, taken from benchmarks/RESULTS.md
 
 
 def test_parameter_count_of_the_published_shape():
