@@ -199,12 +199,8 @@ def query_latency(model, device, n=32, repeats=20):
 
 @torch.no_grad()
 def embeddings(model, inputs):
-    out = []
-    for ids, mask in inputs:
-        h = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        m = mask[..., None].float()
-        out.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    return torch.cat(out)
+    return torch.cat([model(input_ids=i, attention_mask=m, return_sentence_embedding=True).sentence_embedding.float().cpu()
+                      for i, m in inputs])
 
 
 def build_model(device, seed=0):
@@ -346,7 +342,7 @@ def bench_onnx(model_dir, files=("model.onnx", "model_fused.onnx", "model_qint8_
     log(f"workload: {n_texts} texts, {n_tokens} real tokens, {batching} batches; provider {provider}, {torch.get_num_threads()} torch threads")
     rows, cos = [], {}
     with torch.no_grad():
-        reference = torch.cat([model(input_ids=i, attention_mask=m, return_sentence_embedding=True).sentence_embedding.float().cpu() for i, m in inputs])
+        reference = embeddings(model, inputs)
         for dname in torch_dtypes:
             model.to(DTYPES[dname])
             rows.append(run_path("pytorch", lambda i, m: model(input_ids=i, attention_mask=m), inputs, n_tokens, device, DTYPES[dname], batching))

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import layout
+from .constants import MAX_SEQ_LENGTH
 from .errors import UserError
 from .synthetic import TOKENIZER_FILES
 
@@ -43,7 +44,6 @@ PROMPTS = {
     "Clustering": "clustering: ",
 }
 DEFAULT_PROMPT = "document"  # a plain encode() embeds documents; queries use prompt_name="query"
-MAX_SEQ_LENGTH = 512
 
 VERIFY_TEXTS = [
     "search_query: What food did they eat?",

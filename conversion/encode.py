@@ -8,10 +8,9 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from .constants import MAX_SEQ_LENGTH
 from .errors import UserError
 
-MAX_SEQ_LENGTH = 512
-MATRYOSHKA_DIMS = (768, 256)
 
 
 def load_prompts(model_dir: Path) -> dict:
@@ -19,19 +18,13 @@ def load_prompts(model_dir: Path) -> dict:
     return json.loads(path.read_text()).get("prompts", {}) if path.exists() else {}
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean over real tokens (prompt and special tokens included), [B, S, H] -> [B, H]."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
-def finish(pooled: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
-    """L2-normalise; for Matryoshka, truncate first and normalise the truncated vector."""
+def finish(embeddings: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
+    """Matryoshka: keep the first ``dim`` dimensions of unit vectors and normalise them again."""
     if dim is not None:
-        if not 1 <= dim <= pooled.shape[-1]:
-            raise UserError(f"--dim {dim} is outside 1..{pooled.shape[-1]}", "use 768 or 256 (the trained sizes)")
-        pooled = pooled[:, :dim]
-    return F.normalize(pooled.float(), dim=-1)
+        if not 1 <= dim <= embeddings.shape[-1]:
+            raise UserError(f"--dim {dim} is outside 1..{embeddings.shape[-1]}", "use 768 or 256 (the trained sizes)")
+        embeddings = embeddings[:, :dim]
+    return F.normalize(embeddings.float(), dim=-1)
 
 
 class Encoder:
@@ -75,8 +68,8 @@ class Encoder:
             )
             truncated += int((batch["attention_mask"].sum(1) >= MAX_SEQ_LENGTH).sum())
             ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            emb = finish(mean_pool(hidden, mask), dim).cpu()
+            pooled = self.model(input_ids=ids, attention_mask=mask, return_sentence_embedding=True).sentence_embedding
+            emb = finish(pooled, dim).cpu()
             for j, i in enumerate(idx):
                 out[i] = emb[j]
         if truncated:

@@ -10,9 +10,9 @@ from typing import List, Optional
 
 import numpy as np
 
+from .constants import MAX_SEQ_LENGTH
 from .errors import UserError
 
-MAX_SEQ_LENGTH = 512
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
