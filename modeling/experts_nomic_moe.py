@@ -14,7 +14,7 @@ tests hold the others to.
   grouped_mm  the same segments through torch's grouped GEMM: two kernel launches per layer, no
               host sync. Fast on Hopper in bf16; torch runs a correct fallback elsewhere.
   triton      ScatterMoE-style kernel pair (gather + GEMM + GELU, GEMM + weight + scatter), fp16 /
-              bf16 on CUDA, no padding of segments, no host sync (at the end of this file).
+              bf16 on CUDA, no padding of segments, no host sync (below, beside experts_sorted).
 """
 
 import os
@@ -182,7 +182,7 @@ if triton is not None:
         tl.store(y_ptr + dest[:, None] * H + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-def _blocks(x):
+def _tiles():
     if os.environ.get("TRITON_INTERPRET") == "1":
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32), {}  # small tiles: the interpreter is slow
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), dict(num_warps=4, num_stages=3)
@@ -197,7 +197,7 @@ def triton_experts(x, routing, w1, w2):
     k = routing.top_k
     M = N * k
     x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
-    tiles, launch = _blocks(x)
+    tiles, launch = _tiles()
     BM = tiles["BLOCK_M"]
     # block schedule on the device: expert e owns ceil(count_e / BM) consecutive programs
     block_ends = ((routing.counts + BM - 1) // BM).cumsum(0).to(torch.int32)
@@ -250,7 +250,12 @@ def why_unavailable(name, device: torch.device, dtype: torch.dtype, training: bo
 
 
 def auto_choice(device: torch.device, dtype: torch.dtype, training: bool) -> str:
-    """The fastest correct backend for this device and dtype (measured: benchmarks/RESULTS.md)."""
+    """The backend for this device and dtype.
+
+    CPU: measured (benchmarks/RESULTS.md): the backends are within a few percent of each other,
+    GEMM-bound; sorted has one host sync and contiguous segments. CUDA: chosen by design (no host
+    sync, fused gather/scatter) and still to be confirmed by benchmarks/gpu_check.sh on a GPU.
+    """
     if device.type == "cuda":
         if dtype in (torch.float16, torch.bfloat16) and not training and triton_available():
             return "triton"
