@@ -21,6 +21,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from .constants import length_batches
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -33,12 +35,6 @@ def workload(n_texts: int, seed: int = 0, median: float = 100.0, sigma: float = 
     g = torch.Generator().manual_seed(seed)
     lengths = torch.exp(math.log(median) + sigma * torch.randn(n_texts, generator=g)).round().clamp(4, max_len)
     return [int(n) for n in lengths]
-
-
-def batches(lengths: List[int], batch_size: int, sort: bool):
-    """Index lists. sort=False keeps arrival order (what a server sees); sort=True groups similar lengths."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(range(len(lengths)))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def make_inputs(lengths, idx, vocab, device, seed=0):
@@ -170,12 +166,15 @@ def gemm_flops(device, dtype, M=4096, H=768, I=3072):
 @torch.no_grad()
 def moe_layer_vs_dense(model, device, dtype, n_tokens=8192):
     """One MoE block (route + experts) against a dense GEMM pair of the same FLOPs (N*k rows)."""
+    from nomic_moe_modeling.modeling_nomic_moe import Packing
+
     layer = next(l for l in model.layers if l.is_moe).mlp
     H = model.config.hidden_size
     I = model.config.intermediate_size
     k = model.config.num_experts_per_tok
     x = torch.randn(n_tokens, H, device=device, dtype=dtype)
-    moe = _best_time(lambda: layer(x, None), device)
+    packing = Packing.from_mask(torch.ones(1, n_tokens, dtype=torch.bool, device=device))
+    moe = _best_time(lambda: layer(x, packing), device)
     a = torch.randn(n_tokens * k, H, device=device, dtype=dtype)
     w1 = torch.randn(I, H, device=device, dtype=dtype)
     w2 = torch.randn(H, I, device=device, dtype=dtype)
@@ -254,7 +253,7 @@ def bench(device="cpu", dtypes=("float32", "bfloat16"), n_texts=64, batch_size=3
             f"{extras[dname]['moe_layer']['ratio']:.2f}x a dense GEMM pair of the same FLOPs")
         for sort in sorted_batches:
             batching = "sorted" if sort else "arrival"
-            inputs = [make_inputs(lengths, idx, cfg.vocab_size, device) for idx in batches(lengths, batch_size, sort)]
+            inputs = [make_inputs(lengths, idx, cfg.vocab_size, device) for idx in length_batches(lengths, batch_size, sort)]
             paths = ([("upstream-style", None)] if upstream else []) + [(f"ours/{b}", b) for b in backends]
             best = {}
             with torch.no_grad():
@@ -329,7 +328,7 @@ def bench_onnx(model_dir, files=("model.onnx", "model_fused.onnx", "model_qint8_
 
     from transformers import AutoModel
 
-    from .onnx_runtime import session
+    from .onnx_runtime import sentence_embeddings, session
 
     model_dir = Path(model_dir)
     device = torch.device("cuda" if provider == "cuda" else "cpu")
@@ -338,7 +337,7 @@ def bench_onnx(model_dir, files=("model.onnx", "model_fused.onnx", "model_qint8_
     lengths = workload(n_texts)
     n_tokens = sum(lengths)
     model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True, dtype=torch.float32).eval().to(device)
-    inputs = [make_inputs(lengths, idx, model.config.vocab_size, device) for idx in batches(lengths, batch_size, sort)]
+    inputs = [make_inputs(lengths, idx, model.config.vocab_size, device) for idx in length_batches(lengths, batch_size, sort)]
     log(f"workload: {n_texts} texts, {n_tokens} real tokens, {batching} batches; provider {provider}, {torch.get_num_threads()} torch threads")
     rows, cos = [], {}
     with torch.no_grad():
@@ -350,17 +349,7 @@ def bench_onnx(model_dir, files=("model.onnx", "model_fused.onnx", "model_qint8_
     cpu_inputs = [(i.cpu().numpy(), m.cpu().numpy()) for i, m in inputs]
     for name in files:
         sess = session(model_dir / "onnx" / name, provider, threads)
-
-        def run(ids, mask, sess=sess):
-            if provider == "cuda":
-                io = sess.io_binding()
-                io.bind_cpu_input("input_ids", ids)
-                io.bind_cpu_input("attention_mask", mask)
-                io.bind_output("sentence_embedding", "cuda")
-                sess.run_with_iobinding(io)
-                return io.copy_outputs_to_cpu()[0]
-            return sess.run(["sentence_embedding"], {"input_ids": ids, "attention_mask": mask})[0]
-
+        run = lambda ids, mask, sess=sess: sentence_embeddings(sess, ids, mask)  # noqa: E731
         emb = torch.cat([torch.from_numpy(run(i, m)).float() for i, m in cpu_inputs])
         cos[name] = float((emb * reference).sum(-1).min())
         row = run_path(f"onnxruntime/{name}", run, cpu_inputs, n_tokens, torch.device("cpu"), torch.float32, batching)

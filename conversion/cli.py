@@ -79,7 +79,7 @@ def cmd_export_onnx(a):
 
     variants = tuple(a.variants.split(","))
     report = export_onnx(resolve_model(a.model_dir), exporter=a.exporter, variants=variants, force=a.force)
-    print(json.dumps({k: v for k, v in report.items()}, indent=2))
+    print(json.dumps(report, indent=2))
 
 
 def cmd_upcycle(a):

@@ -8,7 +8,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .constants import MAX_SEQ_LENGTH
+from .constants import MAX_SEQ_LENGTH, length_batches
 from .errors import UserError
 
 
@@ -53,11 +53,9 @@ class Encoder:
             raise UserError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}", "pass a list of str")
         prefix = self.prompt_text(prompt)
         full = [prefix + t for t in texts]
-        order = sorted(range(len(full)), key=lambda i: -len(full[i]))  # batch similar lengths together
         out = [None] * len(full)
         truncated = 0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in length_batches([len(t) for t in full], batch_size):
             batch = self.tokenizer(
                 [full[i] for i in idx],
                 padding=True,

@@ -259,25 +259,12 @@ def validation_batches(vocab_size, seed=1):
         yield ids, mask
 
 
-def ort_session(path: Path, provider: str = "cpu"):
-    import onnxruntime as ort
-
-    providers = ["CUDAExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=providers)
-    if providers[0] not in sess.get_providers():
-        raise UserError(
-            f"{providers[0]} was asked for but ONNX Runtime runs {sess.get_providers()}",
-            "install onnxruntime-gpu (not together with onnxruntime) and check CUDA, or use --provider cpu",
-        )
-    return sess
-
-
 @torch.no_grad()
 def validate(path: Path, model, which: str, provider: str = "cpu") -> dict:
     metric, bound = BOUNDS[which]
-    sess = ort_session(path, provider)
+    from .onnx_runtime import session
+
+    sess = session(path, provider)
     max_abs, min_cos = 0.0, 1.0
     for ids, mask in validation_batches(model.config.vocab_size):
         ref = model(input_ids=ids, attention_mask=mask, return_sentence_embedding=True)

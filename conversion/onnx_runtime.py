@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .constants import MAX_SEQ_LENGTH
+from .constants import MAX_SEQ_LENGTH, length_batches
 from .errors import UserError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -35,6 +35,18 @@ def session(path: Path, provider: str = "cpu", threads: Optional[int] = None):
     if sess.get_providers()[0] != wanted:  # ORT falls back to the CPU without saying so
         raise UserError(f"{wanted} was asked for but the session runs on {sess.get_providers()}", "check the CUDA install")
     return sess
+
+
+def sentence_embeddings(sess, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Runs a session for its pooled output only; on CUDA through IO binding (inputs copied once)."""
+    if sess.get_providers()[0] == PROVIDERS["cuda"]:
+        io = sess.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_output("sentence_embedding", "cuda")
+        sess.run_with_iobinding(io)
+        return io.copy_outputs_to_cpu()[0]
+    return sess.run(["sentence_embedding"], {"input_ids": ids, "attention_mask": mask})[0]
 
 
 def load_tokenizer(model_dir: Path):
@@ -64,21 +76,11 @@ class OnnxEncoder:
         path = model_dir / file_name
         if not path.exists():
             raise UserError(f"{path} does not exist", f"run nomic-moe export-onnx {model_dir} first")
-        self.provider = provider
         self.session = session(path, provider, threads)
         self.tokenizer = load_tokenizer(model_dir)
         st = model_dir / "config_sentence_transformers.json"
         self.prompts = json.loads(st.read_text()).get("prompts", {}) if st.exists() else {}
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        if self.provider == "cuda":  # inputs copied once, only the pooled output comes back
-            io = self.session.io_binding()
-            io.bind_cpu_input("input_ids", ids)
-            io.bind_cpu_input("attention_mask", mask)
-            io.bind_output("sentence_embedding", "cuda")
-            self.session.run_with_iobinding(io)
-            return io.copy_outputs_to_cpu()[0]
-        return self.session.run(["sentence_embedding"], {"input_ids": ids, "attention_mask": mask})[0]
 
     def encode(self, texts: List[str], prompt: Optional[str] = None, dim: Optional[int] = None, batch_size: int = 32) -> np.ndarray:
         if prompt is not None and prompt not in self.prompts:
@@ -87,10 +89,8 @@ class OnnxEncoder:
             raise UserError("texts must be strings", "pass a list of str")
         prefix = self.prompts.get(prompt, "") if prompt else ""
         encs = self.tokenizer([prefix + t for t in texts]) if texts else []
-        order = sorted(range(len(encs)), key=lambda i: -len(encs[i]))  # similar lengths together
         out = None
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in length_batches([len(e) for e in encs], batch_size):
             width = max(len(encs[i]) for i in idx)
             ids = np.full((len(idx), width), 1, dtype=np.int64)
             mask = np.zeros((len(idx), width), dtype=np.int64)
@@ -98,7 +98,7 @@ class OnnxEncoder:
                 n = len(encs[i])
                 ids[row, :n] = encs[i]
                 mask[row, :n] = 1
-            emb = self._run(ids, mask).astype(np.float32)
+            emb = sentence_embeddings(self.session, ids, mask).astype(np.float32)
             if out is None:
                 out = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)
             out[idx] = emb

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .convert import check_out_dir, load_checked, log, resolve_source
+from .convert import check_out_dir, load_checked, log, resolve_source, write_verified
 from .errors import UserError
 
 TEXTS = [
@@ -194,7 +194,6 @@ def release(src: str, out: str, *, repo_id: str = "nomic-ai/nomic-embed-text-v2-
             private: bool = False) -> Path:
     from nomic_moe_card.render import render_card
 
-    from .convert import convert
     from .onnx_export import export_onnx
 
     t0 = time.time()
@@ -202,11 +201,12 @@ def release(src: str, out: str, *, repo_id: str = "nomic-ai/nomic-embed-text-v2-
     out_dir = check_out_dir(out, force)
     repo_id = push_to or repo_id
     token = push_token() if push_to and not dry_run else None
-    _, kw, _, published = load_checked(src_dir)
+    _, kw, ours, published = load_checked(src_dir)  # read once: converted here and the reference below
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.release-", dir=out_dir.parent))
     try:
-        staged = convert(str(src_dir), str(work / "repo"))
+        staged = write_verified(work / "repo", kw, ours, published, src_dir)
+        del ours
         export_onnx(staged, exporter=exporter)
         log("[release] verifying every loading path against the reference")
         report = verify_release(staged, kw, published)

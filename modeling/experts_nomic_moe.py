@@ -124,6 +124,14 @@ if triton is not None:
         return e, row0, seg_end
 
     @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:  # fp32 in, exact fp32 products (no TF32)
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            out = tl.dot(a, b)
+        return out
+
+    @triton.jit
     def _up_kernel(
         x_ptr, w1_ptr, h_ptr, order_ptr, block_ends_ptr, offsets_ptr,
         H, I,
@@ -144,10 +152,7 @@ if triton is not None:
             kmask = kk < H
             a = tl.load(x_ptr + tok[:, None] * H + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(w1 + cols[None, :].to(tl.int64) * H + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-            if IEEE:  # fp32 in, exact fp32 products (no TF32)
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(a, b)
+            acc += _dot(a, b, IEEE)
         h = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))  # exact GELU
         dst = h_ptr + rows[:, None].to(tl.int64) * I + cols[None, :]
         tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
@@ -172,10 +177,7 @@ if triton is not None:
             kmask = kk < I
             a = tl.load(h_ptr + rows[:, None].to(tl.int64) * I + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(w2 + kk[:, None].to(tl.int64) * H + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-            if IEEE:  # fp32 in, exact fp32 products (no TF32)
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(a, b)
+            acc += _dot(a, b, IEEE)
         wt = tl.load(weights_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         acc = acc * wt[:, None]
         dest = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)  # (token, slot) position

@@ -19,8 +19,8 @@ packing stays (NonZero + Gather in the graph) but attention uses the input's own
 and the experts run unrolled (experts_graph), still sparse.
 """
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,10 +76,25 @@ class Packing:
     key_mask: torch.Tensor
     cu_seqlens: torch.Tensor
     graph: bool = False  # built for a graph exporter: attention in the input's [B, S] layout
+    _bounds: Optional[List[int]] = field(default=None, repr=False)
+    _rope: dict = field(default_factory=dict, repr=False)
 
     @property
     def max_len(self) -> int:
         return self.key_mask.shape[1]
+
+    def text_bounds(self) -> List[int]:
+        """cu_seqlens on the host, read once per forward pass (the CPU attention loop needs it)."""
+        if self._bounds is None:
+            self._bounds = self.cu_seqlens.tolist()
+        return self._bounds
+
+    def rope(self, head_dim: int, base: float, dtype: torch.dtype):
+        """RoPE (cos, sin) for the packed positions, computed once per forward and shared by all layers."""
+        key = (head_dim, base, dtype)
+        if key not in self._rope:
+            self._rope[key] = rope_cos_sin(self.positions, head_dim, base, dtype)
+        return self._rope[key]
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, graph: bool = False) -> "Packing":
@@ -202,7 +217,7 @@ class NomicMoEAttention(nn.Module):
     def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
         N, H = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x [N, h, D]
-        cos, sin = rope_cos_sin(packing.positions, self.head_dim, self.rope_theta, x.dtype)
+        cos, sin = packing.rope(self.head_dim, self.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         implementation = "sdpa-padded" if packing.graph else self.config._attn_implementation
@@ -213,7 +228,7 @@ class NomicMoEAttention(nn.Module):
             return self.out(ctx.reshape(N, H))
         if not q.is_cuda and implementation in (None, "sdpa"):
             # CPU: one SDPA call per text costs microseconds and computes no padded scores at all
-            bounds = packing.cu_seqlens.tolist()
+            bounds = packing.text_bounds()
             ctx = torch.empty_like(q)
             for lo, hi in zip(bounds[:-1], bounds[1:]):
                 if hi > lo:
@@ -286,14 +301,14 @@ class NomicMoERouter(nn.Module):
         self.normalize = config.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))  # no bias
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, sort: bool = True) -> Routing:
         # fp32 so that bf16 rounding cannot flip near-tied expert choices
         logits = F.linear(x.float(), self.weight.float())  # [N, E]
         probs = logits.softmax(-1)
         weights, experts = probs.topk(self.top_k, dim=-1)  # [N, k]
         if self.normalize:
             weights = weights / weights.sum(-1, keepdim=True)
-        if is_exporting():  # the graph path (experts_graph) needs no sorted segments
+        if not sort:  # the graph path (experts_graph) needs no sorted segments
             return Routing(logits, weights.to(x.dtype), experts, None, None, None)
         flat = experts.flatten()  # [N*k]
         order = flat.argsort(stable=True)
@@ -344,7 +359,7 @@ class NomicMoESparseBlock(nn.Module):
         self.experts = NomicMoEExperts(config)
 
     def forward(self, x: torch.Tensor, packing: Packing):
-        routing = self.router(x)
+        routing = self.router(x, sort=not packing.graph)
         if packing.graph:  # graph export: no host sync, no sort
             experts = self.experts
             return experts_graph(x, routing, experts.w1, experts.w2) + experts.bias, routing
