@@ -10,8 +10,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/out}
 mkdir -p "$out"
 site=$(mktemp -d)
-ln -s "$PWD/modeling" "$site/nomic_moe_modeling"
-ln -s "$PWD/conversion" "$site/nomic_moe_conversion"
+for pkg in modeling conversion files inference cli; do ln -s "$PWD/$pkg" "$site/nomic_moe_$pkg"; done
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 status=0
 
@@ -25,15 +24,15 @@ echo "== unit tests on CUDA (triton kernels for real, not interpreted)"
 (cd tests && timeout 120 python3 -m pytest -q -x test_triton.py test_experts.py test_model.py -p no:cacheprovider) 2>&1 | tail -5 | tee "$out/gpu_pytest.txt" || status=1
 
 echo "== benchmark: full size, bf16 and fp16, mixed-length workload"
-timeout 240 python3 -m nomic_moe_conversion.cli bench --device cuda --dtypes bfloat16,float16 --texts 4096 \
+timeout 240 python3 -m nomic_moe_cli bench --device cuda --dtypes bfloat16,float16 --texts 4096 \
   --batch-size 256 --batching both --out "$out/gpu_bench.json" 2>&1 | tee "$out/gpu_bench.txt" || status=1
 echo "== ONNX Runtime CUDA (fp16) against PyTorch CUDA, if onnxruntime-gpu was carried (../shared/device/ort-gpu-parts.sh)"
 if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
   work=$(mktemp -d)
-  timeout 300 bash -c "python3 -m nomic_moe_conversion.cli synth $work/src --real-size \
-    && python3 -m nomic_moe_conversion.cli convert $work/src $work/model \
-    && python3 -m nomic_moe_conversion.cli export-onnx $work/model --exporter torch --variants model,fused,fp16 \
-    && python3 -m nomic_moe_conversion.cli bench-onnx $work/model --provider cuda --files model_fp16.onnx,model.onnx \
+  timeout 300 bash -c "python3 -m nomic_moe_cli synth $work/src --real-size \
+    && python3 -m nomic_moe_cli convert $work/src $work/model \
+    && python3 -m nomic_moe_cli export-onnx $work/model --exporter torch --variants model,fused,fp16 \
+    && python3 -m nomic_moe_cli bench-onnx $work/model --provider cuda --files model_fp16.onnx,model.onnx \
          --torch-dtypes bfloat16,float16 --texts 2048 --batch-size 128 --out $out/ort_gpu.json" 2>&1 | tail -30 | tee "$out/ort_gpu.txt" || status=1
 else
   echo "onnxruntime-gpu not present: skipped (carry it with ../shared/device/ort-gpu-parts.sh)" | tee "$out/ort_gpu.txt"

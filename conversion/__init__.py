@@ -1,1 +1,1 @@
-"""Checkpoint conversion, verification and the `nomic-moe` command line for Nomic Embed v2 MoE."""
+"""Checkpoint in, checkpoint out: conversion and layouts, upcycling, ONNX export, the Hub release builder."""

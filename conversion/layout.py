@@ -6,7 +6,7 @@ as [E, I, H] tensors. The mapping changes names and views only: the bytes stay t
 
 from typing import Dict, Tuple
 
-from .errors import UserError
+from nomic_moe_files.errors import UserError
 
 # published config key -> (our config key, default when absent)
 CONFIG_KEYS = {

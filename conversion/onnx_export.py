@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nomic_moe_files.errors import UserError
+
 from .convert import make_readable
-from .errors import UserError
 
 OPSET = 17
 INPUTS = ["input_ids", "attention_mask"]
@@ -262,7 +263,7 @@ def validation_batches(vocab_size, seed=1):
 @torch.no_grad()
 def validate(path: Path, model, which: str, provider: str = "cpu") -> dict:
     metric, bound = BOUNDS[which]
-    from .onnx_runtime import session
+    from nomic_moe_inference.onnx_encoder import session
 
     sess = session(path, provider)
     max_abs, min_cos = 0.0, 1.0

@@ -17,8 +17,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .convert import check_out_dir, load_checked, log, resolve_source, write_verified
-from .errors import UserError
+from nomic_moe_files.errors import UserError
+from nomic_moe_files.hub import resolve_source
+
+from .convert import check_out_dir, load_checked, log, write_verified
 
 TEXTS = [
     ("query", "What food did they eat?"),
@@ -89,7 +91,8 @@ def verify_release(folder: Path, kw: dict, published: dict) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     from .onnx_export import FILES
-    from .onnx_runtime import OnnxEncoder
+    from nomic_moe_inference.onnx_encoder import OnnxEncoder
+
     from .reference import mean_pool, reference_forward
 
     prompts = json.loads((folder / "config_sentence_transformers.json").read_text())["prompts"]

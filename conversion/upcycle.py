@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from . import layout
-from .convert import check_out_dir, load_checked, log, resolve_source, write_verified
-from .errors import UserError
+from nomic_moe_files.errors import UserError
+from nomic_moe_files.hub import resolve_source
+
+from .convert import check_out_dir, load_checked, log, write_verified
 
 
 def upcycle_weights(kw: dict, ours: dict, experts: int, top_k: int, every: int, renormalize: bool, bias: str, seed: int):

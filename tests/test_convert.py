@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nomic_moe_conversion.convert import convert
-from nomic_moe_conversion.errors import UserError
+from nomic_moe_files.errors import UserError
 from nomic_moe_conversion.layout import our_name
 from nomic_moe_conversion.synthetic import make_published_checkpoint
 
@@ -136,7 +136,7 @@ def test_missing_tokenizer_is_refused(tmp_path):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "nomic_moe_conversion.cli", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "nomic_moe_cli", *args], capture_output=True, text=True, env=env)
 
 
 def test_cli_errors_are_one_line_plus_fix(tmp_path):

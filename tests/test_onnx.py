@@ -9,10 +9,10 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from nomic_moe_conversion.encode import Encoder  # noqa: E402
-from nomic_moe_conversion.errors import UserError  # noqa: E402
+from nomic_moe_inference.encoder import Encoder  # noqa: E402
+from nomic_moe_files.errors import UserError  # noqa: E402
 from nomic_moe_conversion.onnx_export import FILES, export_onnx, graph_ops, optimum_available  # noqa: E402
-from nomic_moe_conversion.onnx_runtime import OnnxEncoder  # noqa: E402
+from nomic_moe_inference.onnx_encoder import OnnxEncoder  # noqa: E402
 
 SHAPE = dict(num_experts=4, top_k=2, num_layers=4)
 TEXTS = ["What food did they eat?", "", "¡Hola!", "thunderstorms " * 300]
@@ -114,7 +114,7 @@ def test_cli_encode_with_onnx(exported):
     import sys
 
     folder, _ = exported
-    args = [sys.executable, "-m", "nomic_moe_conversion.cli", "encode", str(folder), "--prompt", "query", "first", "second"]
+    args = [sys.executable, "-m", "nomic_moe_cli", "encode", str(folder), "--prompt", "query", "first", "second"]
     torch_run = subprocess.run(args, capture_output=True, text=True)
     onnx_run = subprocess.run(args[:5] + ["--onnx", "model_qint8_avx512.onnx"] + args[5:], capture_output=True, text=True)
     assert torch_run.returncode == 0 and onnx_run.returncode == 0, onnx_run.stderr

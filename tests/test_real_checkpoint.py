@@ -48,7 +48,7 @@ def test_hidden_state_values(converted):
 
 
 def test_model_card_cosine(converted):
-    from nomic_moe_conversion.encode import Encoder
+    from nomic_moe_inference.encoder import Encoder
 
     emb = Encoder(Path(converted)).encode(["Hello!", "¡Hola!"], prompt="passage")
     assert abs(float(emb[0] @ emb[1]) - 0.9118) < 5e-4

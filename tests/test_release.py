@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("sentence_transformers")
 
 from nomic_moe_card.render import count_parameters, python_snippets  # noqa: E402
-from nomic_moe_conversion.errors import UserError  # noqa: E402
+from nomic_moe_files.errors import UserError  # noqa: E402
 from nomic_moe_conversion.release import push_token, release  # noqa: E402
 from nomic_moe_conversion.synthetic import make_published_checkpoint, published_config, real_size_shape  # noqa: E402
 from test_convert import _fake_hub_cache  # noqa: E402
@@ -95,11 +95,11 @@ def test_push_is_refused_offline_or_without_token(monkeypatch, tmp_path):
 def test_cli_dry_run_lists_files_and_push_refusal_comes_first(ckpts, tmp_path):
     src = str(ckpts.source(**SHAPE))
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "nomic_moe_conversion.cli", "release", src, str(tmp_path / "x"), "--push", "a/b"],
+    r = subprocess.run([sys.executable, "-m", "nomic_moe_cli", "release", src, str(tmp_path / "x"), "--push", "a/b"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "HF_HUB_OFFLINE" in r.stderr
     assert not (tmp_path / "x").exists()  # refused before any work
-    r = subprocess.run([sys.executable, "-m", "nomic_moe_conversion.cli", "release", src, str(tmp_path / "y"), "--dry-run", "--synthetic"],
+    r = subprocess.run([sys.executable, "-m", "nomic_moe_cli", "release", src, str(tmp_path / "y"), "--dry-run", "--synthetic"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "would upload to nomic-ai/nomic-embed-text-v2-moe" in r.stdout and "onnx/model.onnx" in r.stdout

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nomic_moe_conversion.encode import Encoder
+from nomic_moe_inference.encoder import Encoder
 
 SHAPE = dict(num_experts=8, top_k=2)
 TEXTS = ["What food did they eat?", "", "thunderstorms " * 400, "¡Hola!"]  # empty and over-long included

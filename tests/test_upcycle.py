@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nomic_moe_conversion.convert import convert
-from nomic_moe_conversion.errors import UserError
+from nomic_moe_files.errors import UserError
 from nomic_moe_conversion.synthetic import make_published_checkpoint
 from nomic_moe_conversion.upcycle import upcycle
 from nomic_moe_modeling.modeling_nomic_moe import NomicMoEModel

@@ -21,7 +21,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .constants import length_batches
+from .batching import length_batches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -328,7 +328,7 @@ def bench_onnx(model_dir, files=("model.onnx", "model_fused.onnx", "model_qint8_
 
     from transformers import AutoModel
 
-    from .onnx_runtime import sentence_embeddings, session
+    from .onnx_encoder import sentence_embeddings, session
 
     model_dir = Path(model_dir)
     device = torch.device("cuda" if provider == "cuda" else "cpu")

@@ -10,8 +10,9 @@ from typing import List, Optional
 
 import numpy as np
 
-from .constants import MAX_SEQ_LENGTH, length_batches
-from .errors import UserError
+from nomic_moe_files.errors import UserError
+
+from .batching import MAX_SEQ_LENGTH, length_batches
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 

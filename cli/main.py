@@ -7,14 +7,14 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from nomic_moe_files.errors import UserError
 
 PUBLISHED_REPO = "nomic-ai/nomic-embed-text-v2-moe"
 CARD_EXAMPLES = ["Hello!", "¡Hola!"]  # the model card's example, both with the passage prompt
 
 
 def cmd_convert(a):
-    from .convert import convert
+    from nomic_moe_conversion.convert import convert
 
     convert(a.src, a.out, dtype=a.dtype, tokenizer=a.tokenizer, force=a.force, check=not a.no_verify)
 
@@ -23,14 +23,14 @@ def cmd_encode(a):
     import torch
 
     if a.onnx:
-        from .onnx_runtime import OnnxEncoder
+        from nomic_moe_inference.onnx_encoder import OnnxEncoder
 
         name = a.onnx if "/" in a.onnx else f"onnx/{a.onnx}"
         enc = OnnxEncoder(resolve_model(a.model), name, provider=a.provider)
         emb = torch.from_numpy(enc.encode(a.texts, prompt=a.prompt, dim=a.dim))
         print(f"ONNX Runtime: {name} on {enc.session.get_providers()[0]}", file=sys.stderr)
     else:
-        from .encode import Encoder
+        from nomic_moe_inference.encoder import Encoder
 
         enc = Encoder(resolve_model(a.model), device=a.device)
         emb = enc.encode(a.texts, prompt=a.prompt, dim=a.dim)
@@ -50,13 +50,13 @@ def print_similarity(texts, sim):
 
 
 def resolve_model(model: str) -> Path:
-    from .convert import resolve_source
+    from nomic_moe_files.hub import resolve_source
 
     return resolve_source(model)
 
 
 def cmd_synth(a):
-    from .synthetic import make_published_checkpoint, real_size_shape
+    from nomic_moe_conversion.synthetic import make_published_checkpoint, real_size_shape
 
     shape = real_size_shape() if a.real_size else {}
     t0 = time.time()
@@ -66,7 +66,7 @@ def cmd_synth(a):
 
 
 def cmd_bench(a):
-    from .bench import bench
+    from nomic_moe_inference.bench import bench
 
     sort = {"arrival": (False,), "sorted": (True,), "both": (False, True)}[a.batching]
     bench(device=a.device, dtypes=a.dtypes.split(","), n_texts=a.texts, batch_size=a.batch_size, threads=a.threads,
@@ -75,7 +75,7 @@ def cmd_bench(a):
 
 
 def cmd_export_onnx(a):
-    from .onnx_export import export_onnx
+    from nomic_moe_conversion.onnx_export import export_onnx
 
     variants = tuple(a.variants.split(","))
     report = export_onnx(resolve_model(a.model_dir), exporter=a.exporter, variants=variants, force=a.force)
@@ -83,21 +83,21 @@ def cmd_export_onnx(a):
 
 
 def cmd_upcycle(a):
-    from .upcycle import upcycle
+    from nomic_moe_conversion.upcycle import upcycle
 
     upcycle(a.dense, a.out, experts=a.experts, top_k=a.top_k, every=a.every, renormalize=a.renormalize,
             bias=a.bias, seed=a.seed, tokenizer=a.tokenizer, force=a.force)
 
 
 def cmd_bench_onnx(a):
-    from .bench import bench_onnx
+    from nomic_moe_inference.bench import bench_onnx
 
     bench_onnx(resolve_model(a.model_dir), files=a.files.split(","), provider=a.provider, torch_dtypes=a.torch_dtypes.split(","),
                n_texts=a.texts, batch_size=a.batch_size, threads=a.threads, out=a.out, sort=a.batching == "sorted")
 
 
 def cmd_release(a):
-    from .release import release
+    from nomic_moe_conversion.release import release
 
     release(a.src, a.out, repo_id=a.repo_id, push_to=a.push, dry_run=a.dry_run, force=a.force, exporter=a.exporter,
             results_md=a.results, synthetic=a.synthetic, private=a.private)
@@ -114,9 +114,9 @@ def find_real_checkpoint():
 
 
 def cmd_demo(a):
-    from .encode import Encoder
-    from .release import release
-    from .synthetic import make_published_checkpoint
+    from nomic_moe_inference.encoder import Encoder
+    from nomic_moe_conversion.release import release
+    from nomic_moe_conversion.synthetic import make_published_checkpoint
 
     work = Path(a.workdir)
     src = Path(a.src) if a.src else find_real_checkpoint()

@@ -8,8 +8,9 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .constants import MAX_SEQ_LENGTH, length_batches
-from .errors import UserError
+from nomic_moe_files.errors import UserError
+
+from .batching import MAX_SEQ_LENGTH, length_batches
 
 
 

@@ -1,0 +1,1 @@
+"""`nomic-moe`, the one command line of the package (see main.py)."""
