@@ -29,7 +29,7 @@ def case(N, dtype, device, H=768, I=3072, E=8, k=2, seed=0):
     cfg = NomicMoEConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=k)
     router = NomicMoERouter(cfg)
     with torch.no_grad():
-        router.weight.copy_(torch.randn(E, H, generator=g) * H**-0.5)
+        router.layer.weight.copy_(torch.randn(E, H, generator=g) * H**-0.5)
     x = torch.randn(N, H, generator=g)
     w1 = torch.randn(E, I, H, generator=g) * H**-0.5
     w2 = torch.randn(E, I, H, generator=g) * I**-0.5
@@ -68,9 +68,9 @@ def main():
         torch.manual_seed(0)
         cfg = NomicMoEConfig()
         cpu_model = NomicMoEModel(cfg).eval()
-        for layer in cpu_model.layers:
+        for layer in cpu_model.encoder.layers:
             if layer.is_moe:
-                layer.mlp.router.weight.normal_(0.0, 1.6 / cfg.hidden_size**0.5)
+                layer.mlp.router.layer.weight.normal_(0.0, 1.6 / cfg.hidden_size**0.5)
         lengths = [512, 300, 100, 32, 7, 1]
         ids = torch.ones(len(lengths), 512, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -93,7 +93,7 @@ def main():
             row = half_precision_row("bf16", e16, e32, ref.router_logits, [l.cpu() for l in out.router_logits], mask)
             check(f"model bf16 cuda ({impl}) vs fp32 cpu", row["ok"],
                   f"min cosine {row['min_cosine']:.5f} ({row['min_cosine_without_flips']:.5f} without flips), "
-                  f"routing flips {row['routing_flips']}; {gpu_model.layers[1].mlp.experts.extra_repr()}")
+                  f"routing flips {row['routing_flips']}; {gpu_model.encoder.layers[1].mlp.experts.extra_repr()}")
         # varlen attention (packed, no padding) against SDPA on the padded layout
         gpu_model.set_moe_implementation("sorted")
         varlen = gpu_model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state.float()

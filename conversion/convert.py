@@ -118,45 +118,26 @@ def strip_prefix(shapes: Dict[str, tuple]) -> str:
     return "bert." if shapes and all(k.startswith("bert.") for k in shapes) else ""
 
 
-def _our_shapes(kw: dict) -> Dict[str, tuple]:
-    E, I, H = kw["num_experts"], kw["intermediate_size"], kw["hidden_size"]
-    out = {}
-    for k, s in layout.published_shapes(kw).items():
-        name = layout.our_name(k)
-        out[name] = (E, I, H) if name.endswith((".experts.w1", ".experts.w2")) else s
-    return out
-
-
 def load_checked(src: Path):
-    """Reads and checks a source checkpoint. Returns (kind, kw, our_weights, published_weights)."""
+    """Reads and checks a source checkpoint. Returns (kind, kw, weights); both layouts share tensor names."""
     kind, kw, _ = read_config(src)
     files = weight_files(src)
     log(f"[1/4] checking {src}: {kind} layout, {len(files)} weight file(s)")
     shapes = read_headers(files)
     prefix = strip_prefix(shapes)
     shapes = {k[len(prefix) :]: s for k, s in shapes.items()}
-    expected = layout.published_shapes(kw) if kind == "published" else _our_shapes(kw)
-    layout.check_keys(shapes, expected, f"checkpoint {src}")
+    layout.check_keys(shapes, layout.published_shapes(kw), f"checkpoint {src}")
     log(f"      {len(shapes)} tensors, every key and shape as expected")
 
-    ours, published = {}, {}
+    weights = {}
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():
-                t = sf.get_tensor(key)
-                key = key[len(prefix) :]
-                if kind == "published":
-                    published[key] = t
-                    name, t = layout.to_ours(key, t, kw)
-                    ours[name] = t
-                else:
-                    ours[key] = t
-                    pname, pt = layout.to_published(key, t)
-                    published[pname] = pt
-    bad = sorted({str(t.dtype) for t in ours.values() if not t.dtype.is_floating_point})
+                weights[key[len(prefix) :]] = sf.get_tensor(key)
+    bad = sorted({str(t.dtype) for t in weights.values() if not t.dtype.is_floating_point})
     if bad:
         raise UserError(f"the checkpoint holds non-float tensors ({', '.join(bad)})", "pass a float checkpoint")
-    return kind, kw, ours, published
+    return kind, kw, weights
 
 
 def write_sentence_transformers_files(out: Path, hidden_size: int) -> None:
@@ -224,7 +205,7 @@ def write_model_folder(out: Path, kw: dict, weights: Dict[str, torch.Tensor], to
 
 
 @torch.no_grad()
-def verify(folder: Path, kw: dict, published: Dict[str, torch.Tensor], dtype: torch.dtype) -> float:
+def verify(folder: Path, kw: dict, source: Dict[str, torch.Tensor], dtype: torch.dtype) -> float:
     """Converted folder through AutoModel vs the plain reference on the source weights; max abs diff."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -236,7 +217,7 @@ def verify(folder: Path, kw: dict, published: Dict[str, torch.Tensor], dtype: to
     batch = tok(VERIFY_TEXTS, padding=True, truncation=True, max_length=MAX_SEQ_LENGTH, return_tensors="pt")
     ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     # the reference sees exactly the values the converted file holds
-    ref_weights = {k: t.to(dtype).float() for k, t in published.items()}
+    ref_weights = {k: t.to(dtype).float() for k, t in source.items()}
     ref = reference_forward(ref_weights, kw, batch["input_ids"], batch["attention_mask"])
     real = batch["attention_mask"].bool()
     diff = (ours[real] - ref[real]).abs().max().item()
@@ -264,16 +245,16 @@ def check_out_dir(out: str, force: bool) -> Path:
     return out_dir
 
 
-def write_verified(out_dir: Path, kw: dict, ours: dict, published: dict, tokenizer_dir: Path, check: bool = True) -> Path:
+def write_verified(out_dir: Path, kw: dict, weights: dict, source: dict, tokenizer_dir: Path, check: bool = True) -> Path:
     """Writes our format into a temporary folder, verifies it, then moves it to out_dir in one rename."""
-    target_dtype = next(iter(ours.values())).dtype
+    target_dtype = next(iter(weights.values())).dtype
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        write_model_folder(tmp, kw, ours, tokenizer_dir)
+        write_model_folder(tmp, kw, weights, tokenizer_dir)
         make_readable(tmp)
         if check:
-            verify(tmp, kw, published, target_dtype)
+            verify(tmp, kw, source, target_dtype)
         log(f"[4/4] moving into place: {out_dir}")
         if out_dir.exists():  # --force: swap, then delete the old one
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -302,9 +283,8 @@ def convert(
     out_dir = check_out_dir(out, force)
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype}", f"use one of {', '.join(DTYPES)}")
-    kind, kw, ours, published = load_checked(src_dir)
-    if dtype is not None:
-        ours = {k: t.to(DTYPES[dtype]) for k, t in ours.items()}
-    write_verified(out_dir, kw, ours, published, Path(tokenizer).expanduser() if tokenizer else src_dir, check)
+    kind, kw, source = load_checked(src_dir)
+    weights = {k: t.to(DTYPES[dtype]) for k, t in source.items()} if dtype is not None else source
+    write_verified(out_dir, kw, weights, source, Path(tokenizer).expanduser() if tokenizer else src_dir, check)
     log(f"done in {time.time() - t0:.1f}s")
     return out_dir

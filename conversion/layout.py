@@ -1,7 +1,8 @@
 """The published checkpoint layout (SPEC §3) and its mapping onto ours.
 
-Published keys are flat, GPT-2 style config names; ours are transformers names with the experts
-as [E, I, H] tensors. The mapping changes names and views only: the bytes stay the same.
+The tensors are the same in both layouts: the published names and shapes (experts as [E*I, H]),
+so a weights file is byte-identical whichever layout it ships in. Only config.json differs:
+published GPT-2 style keys under model_type "nomic_bert", or ours under "nomic_moe".
 """
 
 from typing import Dict, Tuple
@@ -115,39 +116,6 @@ def is_moe(kw: dict, i: int) -> bool:
     return n > 0 and i % n == 1
 
 
-_RENAMES = [
-    ("emb_ln.", "embeddings.norm."),
-    ("encoder.layers.", "layers."),
-    (".attn.Wqkv.", ".attention.qkv."),
-    (".attn.out_proj.", ".attention.out."),
-    (".norm1.", ".attention_norm."),
-    (".norm2.", ".mlp_norm."),
-    (".mlp.router.layer.weight", ".mlp.router.weight"),
-    (".mlp.experts.mlp.w1", ".mlp.experts.w1"),
-    (".mlp.experts.mlp.w2", ".mlp.experts.w2"),
-]
-
-
-def our_name(published_key: str) -> str:
-    for old, new in _RENAMES:
-        published_key = published_key.replace(old, new)
-    return published_key
-
-
-def published_name(our_key: str) -> str:
-    for old, new in reversed(_RENAMES):
-        our_key = our_key.replace(new, old)
-    return our_key
-
-
-def to_ours(published_key: str, tensor, kw: dict):
-    """(our key, tensor as a view in our shape). Expert matrices go [E*I, H] -> [E, I, H]."""
-    name = our_name(published_key)
-    if name.endswith((".experts.w1", ".experts.w2")):
-        tensor = tensor.view(kw["num_experts"], kw["intermediate_size"], kw["hidden_size"])
-    return name, tensor
-
-
 def check_keys(found: Dict[str, Tuple[int, ...]], expected: Dict[str, Tuple[int, ...]], what: str) -> None:
     """Names every missing, unexpected and mis-shaped key at once, or returns."""
     missing = sorted(set(expected) - set(found))
@@ -167,13 +135,6 @@ def check_keys(found: Dict[str, Tuple[int, ...]], expected: Dict[str, Tuple[int,
             f"{what} does not match its config: " + " | ".join(lines),
             "check that config.json belongs to these weights and that the checkpoint is complete",
         )
-
-
-def to_published(our_key: str, tensor):
-    """The inverse of to_ours: (published key, tensor viewed in the published shape)."""
-    if our_key.endswith((".experts.w1", ".experts.w2")):
-        tensor = tensor.reshape(-1, tensor.shape[-1])
-    return published_name(our_key), tensor
 
 
 OUR_FIELDS = [ours for ours, _ in CONFIG_KEYS.values()] + ["num_hidden_layers"]

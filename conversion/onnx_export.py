@@ -108,7 +108,7 @@ class FusedSparseBlock(nn.Module):
     def __init__(self, block):
         super().__init__()
         self.router = block.router
-        w1, w2 = block.experts.w1.detach(), block.experts.w2.detach()
+        w1, w2 = (w.detach() for w in block.experts.mlp.per_expert())  # [E, I, H] each
         self.register_buffer("fc1", w1.clone())  # [E, I, H]: ORT's fc1 layout already
         self.register_buffer("fc1_bias", torch.zeros(w1.shape[0], w1.shape[1], dtype=w1.dtype))
         self.register_buffer("fc2", w2.transpose(1, 2).contiguous())  # ORT wants [E, H, I]
@@ -116,14 +116,14 @@ class FusedSparseBlock(nn.Module):
         self.k = block.router.top_k
 
     def forward(self, x, packing):
-        logits = F.linear(x.float(), self.router.weight.float()).to(x.dtype)
+        logits = F.linear(x.float(), self.router.layer.weight.float()).to(x.dtype)
         return _OrtMoE.apply(x, logits, self.fc1, self.fc1_bias, self.fc2, self.k) + self.bias, None
 
 
 def fused_copy(model):
     # by attribute, not isinstance: AutoModel's remote-code class is not the installed one
     model = copy.deepcopy(model)
-    for layer in model.layers:
+    for layer in model.encoder.layers:
         if layer.is_moe:
             layer.mlp = FusedSparseBlock(layer.mlp)
     return model

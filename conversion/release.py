@@ -204,15 +204,14 @@ def release(src: str, out: str, *, repo_id: str = "nomic-ai/nomic-embed-text-v2-
     out_dir = check_out_dir(out, force)
     repo_id = push_to or repo_id
     token = push_token() if push_to and not dry_run else None
-    _, kw, ours, published = load_checked(src_dir)  # read once: converted here and the reference below
+    _, kw, weights = load_checked(src_dir)  # read once: converted here and the reference below
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.release-", dir=out_dir.parent))
     try:
-        staged = write_verified(work / "repo", kw, ours, published, src_dir)
-        del ours
+        staged = write_verified(work / "repo", kw, weights, weights, src_dir)
         export_onnx(staged, exporter=exporter)
         log("[release] verifying every loading path against the reference")
-        report = verify_release(staged, kw, published)
+        report = verify_release(staged, kw, weights)
         print_table(report)
         (staged / "verification.json").write_text(json.dumps(report, indent=2))
         if not report["ok"]:

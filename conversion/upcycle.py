@@ -22,9 +22,9 @@ from nomic_moe_files.hub import resolve_source
 from .convert import check_out_dir, load_checked, log, write_verified
 
 
-def upcycle_weights(kw: dict, ours: dict, experts: int, top_k: int, every: int, renormalize: bool, bias: str, seed: int):
-    """(new kw, new weights in our names) from a dense model's kw and weights."""
-    if any(".experts." in k for k in ours):
+def upcycle_weights(kw: dict, dense: dict, experts: int, top_k: int, every: int, renormalize: bool, bias: str, seed: int):
+    """(new kw, new weights) from a dense model's kw and weights (published tensor names)."""
+    if any(".experts." in k for k in dense):
         raise UserError("the source already has MoE layers", "upcycle a dense checkpoint (no experts)")
     if not 1 <= top_k <= experts:
         raise UserError(f"--top-k {top_k} must lie in 1..--experts {experts}", "e.g. --experts 8 --top-k 2")
@@ -32,19 +32,19 @@ def upcycle_weights(kw: dict, ours: dict, experts: int, top_k: int, every: int, 
         raise UserError(f"--bias {bias!r}", "use zero (the paper) or dense")
     new_kw = dict(kw, num_experts=experts, num_experts_per_tok=top_k, moe_every_n_layers=every, norm_topk_prob=renormalize)
     g = torch.Generator().manual_seed(seed)
-    out = dict(ours)
+    out = dict(dense)
     for i in range(kw["num_hidden_layers"]):
         if not layout.is_moe(new_kw, i):
             continue
-        p = f"layers.{i}.mlp."
+        p = f"encoder.layers.{i}.mlp."
         fc1_w, fc2_w = out.pop(p + "fc1.weight"), out.pop(p + "fc2.weight")  # [I, H], [H, I]
         out.pop(p + "fc1.bias")
         fc2_b = out.pop(p + "fc2.bias")
-        out[p + "experts.w1"] = fc1_w.unsqueeze(0).repeat(experts, 1, 1).contiguous()  # [E, I, H]
-        out[p + "experts.w2"] = fc2_w.T.unsqueeze(0).repeat(experts, 1, 1).contiguous()  # [E, I, H]
+        out[p + "experts.mlp.w1"] = fc1_w.repeat(experts, 1).contiguous()  # [E*I, H]: block e = fc1
+        out[p + "experts.mlp.w2"] = fc2_w.T.repeat(experts, 1).contiguous()  # [E*I, H]: block e = fc2.T
         out[p + "experts.bias"] = fc2_b.clone() if bias == "dense" else torch.zeros_like(fc2_b)
         router = torch.randn(experts, kw["hidden_size"], generator=g) * 0.02
-        out[p + "router.weight"] = router.to(fc1_w.dtype)
+        out[p + "router.layer.weight"] = router.to(fc1_w.dtype)
     return new_kw, out
 
 
@@ -53,11 +53,10 @@ def upcycle(dense: str, out: str, *, experts: int = 8, top_k: int = 2, every: in
     t0 = time.time()
     src = resolve_source(dense)
     out_dir = check_out_dir(out, force)
-    _, kw, ours, _ = load_checked(src)
-    new_kw, weights = upcycle_weights(kw, ours, experts, top_k, every, renormalize, bias, seed)
-    published = dict(layout.to_published(k, t) for k, t in weights.items())
+    _, kw, dense = load_checked(src)
+    new_kw, weights = upcycle_weights(kw, dense, experts, top_k, every, renormalize, bias, seed)
     n_moe = sum(layout.is_moe(new_kw, i) for i in range(new_kw["num_hidden_layers"]))
     log(f"upcycled {n_moe} of {new_kw['num_hidden_layers']} layers into {experts} experts (top-{top_k}), bias={bias}")
-    write_verified(out_dir, new_kw, weights, published, Path(tokenizer) if tokenizer else src)
+    write_verified(out_dir, new_kw, weights, weights, Path(tokenizer) if tokenizer else src)
     log(f"done in {time.time() - t0:.1f}s")
     return out_dir

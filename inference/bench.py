@@ -70,35 +70,36 @@ def upstream_style_forward(model, ids, mask):
 
     B, S = ids.shape
     emb = model.embeddings
-    x = emb.norm(emb.word_embeddings(ids) + emb.token_type_embeddings.weight[0])  # [B, S, H]
+    x = model.emb_ln(emb.word_embeddings(ids) + emb.token_type_embeddings.weight[0])  # [B, S, H]
     H = x.shape[-1]
     positions = torch.arange(S, device=ids.device).repeat(B)
     additive = (1.0 - mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
-    for layer in model.layers:
-        a = layer.attention
-        q, k, v = a.qkv(x).view(B * S, 3, a.num_heads, a.head_dim).unbind(1)
+    for layer in model.encoder.layers:
+        a = layer.attn
+        q, k, v = a.Wqkv(x).view(B * S, 3, a.num_heads, a.head_dim).unbind(1)
         cos, sin = rope_cos_sin(positions, a.head_dim, a.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.view(B, S, a.num_heads, a.head_dim).transpose(1, 2) for t in (q, k, v))
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=additive).transpose(1, 2).reshape(B, S, H)
-        x = layer.attention_norm(x + a.out(ctx))
+        x = layer.norm1(x + a.out_proj(ctx))
         if layer.is_moe:
             flat = x.view(B * S, H)
-            probs = F.linear(flat.float(), layer.mlp.router.weight.float()).softmax(-1)
+            probs = F.linear(flat.float(), layer.mlp.router.layer.weight.float()).softmax(-1)
             w, top = probs.topk(layer.mlp.router.top_k, dim=-1)
             w = w.to(x.dtype)
             ex = layer.mlp.experts
+            w1, w2 = ex.mlp.per_expert()  # [E, I, H] each
             out = torch.zeros_like(flat)
-            for e in range(ex.w1.shape[0]):
+            for e in range(w1.shape[0]):
                 tok, slot = torch.where(top == e)
                 if tok.numel() == 0:  # host sync, once per expert per layer
                     continue
-                y = F.gelu(flat[tok] @ ex.w1[e].T) @ ex.w2[e]
+                y = F.gelu(flat[tok] @ w1[e].T) @ w2[e]
                 out.index_add_(0, tok, y * w[tok, slot, None])
             m = (out + ex.bias).view(B, S, H)
         else:
             m = layer.mlp.fc2(F.gelu(layer.mlp.fc1(x)))
-        x = layer.mlp_norm(x + m)
+        x = layer.norm2(x + m)
     return x
 
 
@@ -168,7 +169,7 @@ def moe_layer_vs_dense(model, device, dtype, n_tokens=8192):
     """One MoE block (route + experts) against a dense GEMM pair of the same FLOPs (N*k rows)."""
     from nomic_moe_modeling.modeling_nomic_moe import Packing
 
-    layer = next(l for l in model.layers if l.is_moe).mlp
+    layer = next(l for l in model.encoder.layers if l.is_moe).mlp
     H = model.config.hidden_size
     I = model.config.intermediate_size
     k = model.config.num_experts_per_tok
@@ -210,9 +211,9 @@ def build_model(device, seed=0):
     cfg = NomicMoEConfig()
     model = NomicMoEModel(cfg).eval()
     with torch.no_grad():  # a router as decisive as the published one: top-2 weights sum to ~0.7
-        for layer in model.layers:
+        for layer in model.encoder.layers:
             if layer.is_moe:
-                layer.mlp.router.weight.normal_(0.0, 1.6 / cfg.hidden_size**0.5)
+                layer.mlp.router.layer.weight.normal_(0.0, 1.6 / cfg.hidden_size**0.5)
     return model.to(device)
 
 

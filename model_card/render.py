@@ -28,7 +28,7 @@ def count_parameters(model_dir: Path):
             for d in f.get_slice(key).get_shape():
                 n *= d
             total += n
-            if key.endswith((".experts.w1", ".experts.w2")):
+            if key.endswith((".experts.mlp.w1", ".experts.mlp.w2")):
                 experts += n
     idle_fraction = 1 - cfg["num_experts_per_tok"] / cfg["num_experts"]
     return total, total - int(round(experts * idle_fraction))

@@ -17,6 +17,10 @@ depend on how much padding, or which batch partners, came with it.
 Under a graph exporter (ONNX, torch.export) no size may be read back from the data, so the
 packing stays (NonZero + Gather in the graph) but attention uses the input's own [B, S] layout,
 and the experts run unrolled (experts_graph), still sparse.
+
+Module and parameter names are the published checkpoint's (emb_ln, encoder.layers.{i}.attn.Wqkv,
+norm1, norm2, mlp.router.layer, mlp.experts.mlp.w1 as [E*I, H], ...): one weights file, byte for
+byte, serves this code, TEI, vLLM and llama.cpp.
 """
 
 from dataclasses import dataclass, field
@@ -155,11 +159,10 @@ class NomicMoEEmbeddings(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=None)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         # [N] -> [N, H]; no absolute positions: RoPE carries them
-        return self.norm(self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids))
+        return self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
@@ -210,13 +213,13 @@ class NomicMoEAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.rope_theta = config.rope_theta
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # rows [q | k | v], head-major
-        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # rows [q | k | v], head-major
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.config = config  # read at call time: transformers may switch the implementation after init
 
     def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
         N, H = x.shape
-        q, k, v = self.qkv(x).view(N, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x [N, h, D]
+        q, k, v = self.Wqkv(x).view(N, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x [N, h, D]
         cos, sin = packing.rope(self.head_dim, self.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
@@ -225,7 +228,7 @@ class NomicMoEAttention(nn.Module):
         if varlen is not None:  # the packed tokens as they are: no padding anywhere
             L = packing.max_len
             ctx = varlen(q, k, v, packing.cu_seqlens, packing.cu_seqlens, L, L)  # [N, h, D]
-            return self.out(ctx.reshape(N, H))
+            return self.out_proj(ctx.reshape(N, H))
         if not q.is_cuda and implementation in (None, "sdpa"):
             # CPU: one SDPA call per text costs microseconds and computes no padded scores at all
             bounds = packing.text_bounds()
@@ -234,7 +237,7 @@ class NomicMoEAttention(nn.Module):
                 if hi > lo:
                     qi, ki, vi = (t[lo:hi].transpose(0, 1)[None] for t in (q, k, v))  # [1, h, n, D]
                     ctx[lo:hi] = F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1)
-            return self.out(ctx.reshape(N, H))
+            return self.out_proj(ctx.reshape(N, H))
 
         # softmax attention is the one step that needs the texts: [N, h, D] -> [B, h, L, D]
         q, k, v = (packing.to_attention_layout(t).transpose(1, 2) for t in (q, k, v))
@@ -246,7 +249,7 @@ class NomicMoEAttention(nn.Module):
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         ctx = packing.from_attention_layout(ctx.transpose(1, 2))  # [N, h, D]
-        return self.out(ctx.reshape(N, H))
+        return self.out_proj(ctx.reshape(N, H))
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,11 +302,11 @@ class NomicMoERouter(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.normalize = config.norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))  # no bias
+        self.layer = nn.Linear(config.hidden_size, config.num_experts, bias=False)
 
     def forward(self, x: torch.Tensor, sort: bool = True) -> Routing:
         # fp32 so that bf16 rounding cannot flip near-tied expert choices
-        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        logits = F.linear(x.float(), self.layer.weight.float())  # [N, E]
         probs = logits.softmax(-1)
         weights, experts = probs.topk(self.top_k, dim=-1)  # [N, k]
         if self.normalize:
@@ -313,25 +316,38 @@ class NomicMoERouter(nn.Module):
         flat = experts.flatten()  # [N*k]
         order = flat.argsort(stable=True)
         # scatter-add, not bincount: CUDA's bincount reads the max back to the host to size its output
-        counts = torch.zeros(self.weight.shape[0], dtype=torch.long, device=x.device)
+        counts = torch.zeros(self.layer.out_features, dtype=torch.long, device=x.device)
         counts.index_add_(0, flat, torch.ones_like(flat))
         offsets = F.pad(counts.cumsum(0), (1, 0))
         return Routing(logits, weights.to(x.dtype), experts, order, counts, offsets)
 
 
-class NomicMoEExperts(nn.Module):
+class NomicMoEExpertWeights(nn.Module):
+    """The stacked expert matrices, stored as published: w1, w2 [E*I, H]; expert e owns rows e*I..(e+1)*I-1."""
+
     def __init__(self, config: NomicMoEConfig):
         super().__init__()
         E, I, H = config.num_experts, config.intermediate_size, config.hidden_size
-        self.w1 = nn.Parameter(torch.empty(E, I, H))
-        self.w2 = nn.Parameter(torch.empty(E, I, H))
-        self.bias = nn.Parameter(torch.empty(H))  # shared by all experts, added once
+        self.shape = (E, I, H)
+        self.w1 = nn.Parameter(torch.empty(E * I, H))
+        self.w2 = nn.Parameter(torch.empty(E * I, H))
+
+    def per_expert(self):
+        """(w1, w2) viewed [E, I, H]: expert e computes gelu(x @ w1[e].T) @ w2[e] (w2 is not transposed)."""
+        return self.w1.view(self.shape), self.w2.view(self.shape)
+
+
+class NomicMoEExperts(nn.Module):
+    def __init__(self, config: NomicMoEConfig):
+        super().__init__()
+        self.mlp = NomicMoEExpertWeights(config)
+        self.bias = nn.Parameter(torch.empty(config.hidden_size))  # shared by all experts, added once
         self.implementation = config.moe_implementation  # "auto" or a name in BACKENDS
         self.last_used = None
 
     def backend(self, x: torch.Tensor) -> str:
         # the triton kernels have no backward: whenever autograd would record, use a differentiable path
-        training = torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad)
+        training = torch.is_grad_enabled() and (x.requires_grad or self.mlp.w1.requires_grad)
         if self.implementation == "auto":
             return auto_choice(x.device, x.dtype, training)
         why = why_unavailable(self.implementation, x.device, x.dtype, training)
@@ -341,11 +357,11 @@ class NomicMoEExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         self.last_used = self.backend(x)
-        out = BACKENDS[self.last_used](x, routing, self.w1, self.w2)
+        out = BACKENDS[self.last_used](x, routing, *self.mlp.per_expert())
         return out + self.bias
 
     def extra_repr(self) -> str:
-        E, I, H = self.w1.shape
+        E, I, H = self.mlp.shape
         used = f" (last used: {self.last_used})" if self.last_used else ""
         return f"experts={E}, hidden={H}, intermediate={I}, implementation={self.implementation}{used}"
 
@@ -362,24 +378,24 @@ class NomicMoESparseBlock(nn.Module):
         routing = self.router(x, sort=not packing.graph)
         if packing.graph:  # graph export: no host sync, no sort
             experts = self.experts
-            return experts_graph(x, routing, experts.w1, experts.w2) + experts.bias, routing
+            return experts_graph(x, routing, *experts.mlp.per_expert()) + experts.bias, routing
         return self.experts(x, routing), routing
 
 
 class NomicMoELayer(nn.Module):
     def __init__(self, config: NomicMoEConfig, layer_idx: int):
         super().__init__()
-        self.attention = NomicMoEAttention(config)
-        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = NomicMoEAttention(config)
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # after attention
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = NomicMoESparseBlock(config) if self.is_moe else NomicMoEMLP(config)
-        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # after the MLP / MoE
 
     def forward(self, x: torch.Tensor, packing: Packing):
         # post-LayerNorm: normalise after each residual add
-        x = self.attention_norm(x + self.attention(x, packing))
+        x = self.norm1(x + self.attn(x, packing))
         m, routing = self.mlp(x, packing)
-        return self.mlp_norm(x + m), routing
+        return self.norm2(x + m), routing
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,6 +420,12 @@ def load_balancing_loss(routings, num_experts: int) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+class NomicMoEEncoder(nn.Module):
+    def __init__(self, config: NomicMoEConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(NomicMoELayer(config, i) for i in range(config.num_hidden_layers))
+
+
 class NomicMoEPreTrainedModel(PreTrainedModel):
     config_class = NomicMoEConfig
     base_model_prefix = "model"
@@ -423,11 +445,10 @@ class NomicMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             module.weight.fill_(1.0)
             module.bias.zero_()
-        elif isinstance(module, NomicMoERouter):
-            module.weight.normal_(0.0, std)
-        elif isinstance(module, NomicMoEExperts):
+        elif isinstance(module, NomicMoEExpertWeights):
             module.w1.normal_(0.0, std)
             module.w2.normal_(0.0, std)
+        elif isinstance(module, NomicMoEExperts):
             module.bias.zero_()
 
 
@@ -435,7 +456,8 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
     def __init__(self, config: NomicMoEConfig):
         super().__init__(config)
         self.embeddings = NomicMoEEmbeddings(config)
-        self.layers = nn.ModuleList(NomicMoELayer(config, i) for i in range(config.num_hidden_layers))
+        self.emb_ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = NomicMoEEncoder(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -450,7 +472,7 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
             if why:
                 raise ValueError(f"moe_implementation={name!r} cannot run here: {why}")
         self.config.moe_implementation = name
-        for layer in self.layers:
+        for layer in self.encoder.layers:
             if layer.is_moe:
                 layer.mlp.experts.implementation = name
         p = self.embeddings.word_embeddings.weight
@@ -486,11 +508,11 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         packing = Packing.from_mask(mask, graph=exporting)
         ids = packing.pack(input_ids)  # [N]
         types = packing.pack(token_type_ids) if token_type_ids is not None else torch.zeros_like(ids)
-        x = self.embeddings(ids, types)  # [N, H]
+        x = self.emb_ln(self.embeddings(ids, types))  # [N, H]
 
         hidden_states = (packing.unpack(x),) if output_hidden_states else None
         routings = []
-        for layer in self.layers:
+        for layer in self.encoder.layers:
             if self.gradient_checkpointing and self.training:
                 x, routing = torch.utils.checkpoint.checkpoint(layer, x, packing, use_reentrant=False)
             else:

@@ -15,10 +15,10 @@ def make_case(N=37, H=64, I=96, E=8, k=2, dtype=torch.float32, seed=0, skew=Fals
     cfg = NomicMoEConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=k, num_attention_heads=4)
     router = NomicMoERouter(cfg)
     with torch.no_grad():
-        router.weight.copy_(torch.randn(E, H, generator=g) * H**-0.5)
+        router.layer.weight.copy_(torch.randn(E, H, generator=g) * H**-0.5)
         if skew:  # most tokens to expert 0, some experts get nothing
-            router.weight[0] += 3.0
-            router.weight[E // 2 :] -= 5.0
+            router.layer.weight[0] += 3.0
+            router.layer.weight[E // 2 :] -= 5.0
     x = torch.randn(N, H, generator=g).to(dtype)
     w1 = (torch.randn(E, I, H, generator=g) * H**-0.5).to(dtype)
     w2 = (torch.randn(E, I, H, generator=g) * I**-0.5).to(dtype)

@@ -148,16 +148,16 @@ def test_router_outputs_and_training_step(models):
     model.train()
     try:
         out = model(input_ids=ids, attention_mask=mask, output_router_logits=True, output_hidden_states=True)
-        n_moe = sum(layer.is_moe for layer in model.layers)
+        n_moe = sum(layer.is_moe for layer in model.encoder.layers)
         assert len(out.router_logits) == n_moe and out.router_logits[0].shape == (14, cfg["num_experts"])
         assert len(out.hidden_states) == cfg["n_layer"] + 1
         # balanced routing gives exactly 1; any routing gives >= 1 up to top-k effects, never 0
         assert out.aux_loss.item() > 0.5
         loss = out.last_hidden_state.pow(2).mean() + cfg["router_aux_loss_coef"] * out.aux_loss
         loss.backward()
-        moe = next(layer.mlp for layer in model.layers if layer.is_moe)
-        assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
-        assert moe.experts.w1.grad.abs().sum() > 0 and moe.experts.bias.grad.abs().sum() > 0
+        moe = next(layer.mlp for layer in model.encoder.layers if layer.is_moe)
+        assert moe.router.layer.weight.grad is not None and moe.router.layer.weight.grad.abs().sum() > 0
+        assert moe.experts.mlp.w1.grad.abs().sum() > 0 and moe.experts.bias.grad.abs().sum() > 0
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
@@ -172,7 +172,7 @@ def test_gradient_checkpointing_gives_same_gradients(ckpts):
             model.gradient_checkpointing_enable()
         ids, mask = random_batch([7, 3], model.config.vocab_size)
         model(input_ids=ids, attention_mask=mask).last_hidden_state.sum().backward()
-        grads.append(model.layers[1].mlp.experts.w1.grad.clone())
+        grads.append(model.encoder.layers[1].mlp.experts.mlp.w1.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 

@@ -38,7 +38,7 @@ def test_renormalised_upcycle_reproduces_the_dense_model(dense_src, tmp_path):
     mask[2, 10:] = 0
     _, a = _run(dense, ids, mask)
     model, b = _run(moe, ids, mask)
-    assert sum(layer.is_moe for layer in model.layers) == 2
+    assert sum(layer.is_moe for layer in model.encoder.layers) == 2
     assert (a - b).abs().max().item() <= 1e-5
 
 
@@ -46,11 +46,14 @@ def test_paper_defaults(dense_src, tmp_path):
     out = upcycle(str(dense_src), str(tmp_path / "moe"), experts=4, top_k=2)
     w = load_file(str(out / "model.safetensors"))
     src = load_file(str(dense_src / "model.safetensors"))
-    assert torch.equal(w["layers.1.mlp.experts.w1"][3], src["encoder.layers.1.mlp.fc1.weight"])
-    assert torch.equal(w["layers.1.mlp.experts.w2"][0], src["encoder.layers.1.mlp.fc2.weight"].T)
-    assert w["layers.1.mlp.experts.bias"].abs().max() == 0
-    assert 0.01 < w["layers.1.mlp.router.weight"].std().item() < 0.03
-    assert "layers.0.mlp.fc1.weight" in w and "layers.1.mlp.fc1.weight" not in w
+    I = src["encoder.layers.1.mlp.fc1.weight"].shape[0]
+    w1, w2 = w["encoder.layers.1.mlp.experts.mlp.w1"], w["encoder.layers.1.mlp.experts.mlp.w2"]  # [E*I, H]
+    assert w1.shape == (4 * I, src["encoder.layers.1.mlp.fc1.weight"].shape[1])
+    assert torch.equal(w1[3 * I : 4 * I], src["encoder.layers.1.mlp.fc1.weight"])
+    assert torch.equal(w2[0:I], src["encoder.layers.1.mlp.fc2.weight"].T)
+    assert w["encoder.layers.1.mlp.experts.bias"].abs().max() == 0
+    assert 0.01 < w["encoder.layers.1.mlp.router.layer.weight"].std().item() < 0.03
+    assert "encoder.layers.0.mlp.fc1.weight" in w and "encoder.layers.1.mlp.fc1.weight" not in w
     # without renormalisation the experts' weights sum below 1: not the dense function, as the paper starts
     ids = torch.randint(3, 400, (1, 12))
     _, a = _run(convert(str(dense_src), str(tmp_path / "dense")), ids, None)
