@@ -10,13 +10,16 @@ from pathlib import Path
 from nomic_moe_files.errors import UserError
 
 PUBLISHED_REPO = "nomic-ai/nomic-embed-text-v2-moe"
+EXIT_USER_ERROR = 2  # a refusal: the message says what to do
+EXIT_PARTIAL = 3  # written, but without optional files that missed their bound (release, export-onnx)
+EXIT_BUG = 70  # an unexpected exception: our bug
 CARD_EXAMPLES = ["Hello!", "¡Hola!"]  # the model card's example, both with the passage prompt
 
 
 def cmd_convert(a):
     from nomic_moe_conversion.convert import convert
 
-    convert(a.src, a.out, dtype=a.dtype, tokenizer=a.tokenizer, force=a.force, check=not a.no_verify)
+    convert(a.src, a.out, dtype=a.dtype, tokenizer=a.tokenizer, force=a.force, check=not a.no_verify, layout_name=a.layout)
 
 
 def cmd_encode(a):
@@ -38,7 +41,7 @@ def cmd_encode(a):
         print(json.dumps({"text": text, "prompt": a.prompt, "dim": len(e), "embedding": [round(v, 6) for v in e.tolist()]}))
     if len(a.texts) > 1:
         print_similarity(a.texts, emb @ emb.T)
-    return emb
+
 
 
 def print_similarity(texts, sim):
@@ -78,8 +81,13 @@ def cmd_export_onnx(a):
     from nomic_moe_conversion.onnx_export import export_onnx
 
     variants = tuple(a.variants.split(","))
-    report = export_onnx(resolve_model(a.model_dir), exporter=a.exporter, variants=variants, force=a.force)
+    report = export_onnx(resolve_model(a.model_dir), exporter=a.exporter, variants=variants, force=a.force, strict=a.strict)
     print(json.dumps(report, indent=2))
+    if report["left_out"]:
+        names = ", ".join(f"{e['file']} ({e['measured']})" for e in report["left_out"])
+        print(f"exported WITHOUT optional file(s): {names} (--strict makes this fatal)", file=sys.stderr)
+        return EXIT_PARTIAL
+    print("export complete", file=sys.stderr)
 
 
 def cmd_upcycle(a):
@@ -99,8 +107,11 @@ def cmd_bench_onnx(a):
 def cmd_release(a):
     from nomic_moe_conversion.release import release
 
-    release(a.src, a.out, repo_id=a.repo_id, push_to=a.push, dry_run=a.dry_run, force=a.force, exporter=a.exporter,
-            results_md=a.results, synthetic=a.synthetic, private=a.private)
+    result = release(a.src, a.out, repo_id=a.repo_id, push_to=a.push, dry_run=a.dry_run, force=a.force, exporter=a.exporter,
+                     results_md=a.results, synthetic=a.synthetic, private=a.private, layout_name=a.layout,
+                     published_revision=a.published_revision, strict=a.strict)
+    print(result.summary(), file=sys.stderr)
+    return 0 if result.complete else EXIT_PARTIAL
 
 
 def find_real_checkpoint():
@@ -131,7 +142,7 @@ def cmd_demo(a):
         src = make_published_checkpoint(work / "synthetic-source", seed=0)
     else:
         print(f"using the checkpoint at {src}", file=sys.stderr)
-    out = release(str(src), str(work / "release"), force=True, synthetic=synthetic)
+    out = release(str(src), str(work / "release"), force=True, synthetic=synthetic).folders["main"]
     card = (out / "README.md").read_text().split("---\n", 2)[-1].strip().splitlines()
     print("\nmodel card (first lines):")
     for line in card[:14]:
@@ -158,6 +169,8 @@ def build_parser():
     c.add_argument("--tokenizer", help="folder with the tokenizer, if SRC has none")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
     c.add_argument("--no-verify", action="store_true", help="skip the comparison with the reference")
+    c.add_argument("--layout", choices=["ours", "published"], default="ours",
+                   help="ours: model_type nomic_moe (default, safe with transformers 5); published: nomic_bert, what TEI, vLLM and llama.cpp read")
     c.set_defaults(func=cmd_convert)
 
     e = sub.add_parser("encode", help="print embeddings as JSON lines, and their cosine table")
@@ -196,6 +209,7 @@ def build_parser():
                    help="auto: optimum's main_export where optimum is installed, else torch.onnx")
     o.add_argument("--variants", default="model,fused,fp16,int8")
     o.add_argument("--force", action="store_true", help="replace an existing onnx/ folder")
+    o.add_argument("--strict", action="store_true", help="fail if an optional variant misses its bound (default: leave it out, exit 3)")
     o.set_defaults(func=cmd_export_onnx)
 
     u = sub.add_parser("upcycle", help="dense checkpoint -> MoE whose experts start as copies of the dense MLP")
@@ -235,6 +249,12 @@ def build_parser():
     r.add_argument("--synthetic", action="store_true", help="say in the card that the weights are random")
     r.add_argument("--private", action="store_true")
     r.add_argument("--force", action="store_true")
+    r.add_argument("--layout", choices=["ours", "published", "both"], default="ours",
+                   help="ours (nomic_moe, default), published (nomic_bert: TEI, vLLM, llama.cpp), or both: OUT/main and OUT/REVISION")
+    r.add_argument("--published-revision", default="nomic-bert", metavar="REVISION",
+                   help="with --layout both: the Hub branch for the published layout (default nomic-bert)")
+    r.add_argument("--strict", action="store_true",
+                   help="fail if an optional ONNX variant misses its bound (default: leave it out, say so, exit 3)")
     r.set_defaults(func=cmd_release)
 
     d = sub.add_parser("demo", help="release (convert, ONNX, verify, card) and encode the model card's examples")
@@ -244,17 +264,46 @@ def build_parser():
     return p
 
 
+def report_bug(e: BaseException) -> None:
+    """An exception that is not a UserError is our bug: the traceback, and how to report it."""
+    import platform
+    import traceback
+
+    traceback.print_exc()
+    versions = []
+    for name in ("torch", "transformers", "sentence_transformers", "onnxruntime"):
+        try:
+            versions.append(f"{name} {__import__(name).__version__}")
+        except Exception:
+            pass
+    try:
+        from importlib.metadata import version
+
+        ours = version("nomic-embed-moe")
+    except Exception:
+        ours = "unknown"
+    print(
+        f"\nnomic-moe hit an unexpected error ({type(e).__name__}). This is a bug in nomic-moe, not something you did.\n"
+        "Please report it at the project's issue tracker with the command you ran, the traceback above and these\n"
+        f"versions: nomic-embed-moe {ours}, Python {platform.python_version()}, {', '.join(versions)}",
+        file=sys.stderr,
+    )
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    except Exception as e:  # noqa: BLE001 - the last resort: say it is ours and how to report it
+        report_bug(e)
+        return EXIT_BUG
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -9,10 +9,8 @@ Order of work, so that bad input loses nothing:
 """
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -21,8 +19,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nomic_moe_files import checks
 from nomic_moe_files.errors import UserError
 from nomic_moe_files.hub import resolve_source
+from nomic_moe_files.publish import check_out_dir, publishing
 from nomic_moe_inference.batching import MAX_SEQ_LENGTH
 
 from . import layout
@@ -89,26 +89,24 @@ def weight_files(folder: Path):
 
 
 def read_headers(files) -> Dict[str, tuple]:
+    """Every tensor's shape, from headers that were checked against the files' sizes."""
     shapes = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                shapes[k] = tuple(sf.get_slice(k).get_shape())
+        for k, entry in checks.safetensors_header(f).items():
+            shapes[k] = tuple(entry["shape"])
     return shapes
 
 
 def read_config(folder: Path):
-    """(kind, our config kwargs) where kind is 'published' or 'ours'."""
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise UserError(f"{folder} has no config.json", "pass a checkpoint folder (config.json + model.safetensors)")
-    cfg = json.loads(cfg_path.read_text())
+    """(kind, our config kwargs, raw dict) where kind is 'published' or 'ours'."""
+    cfg = checks.read_json(folder / "config.json", "model config (config.json)")
     if cfg.get("model_type") == "nomic_moe":
+        cfg = checks.model_config(folder)
         return "ours", layout.kwargs_from_ours(cfg), cfg
     if layout.is_published_config(cfg):
         return "published", layout.our_config_kwargs(cfg), cfg
     raise UserError(
-        f"unknown checkpoint layout in {cfg_path} (model_type={cfg.get('model_type')!r})",
+        f"unknown checkpoint layout in {folder / 'config.json'} (model_type={cfg.get('model_type')!r})",
         "expected the published nomic_bert MoE layout (SPEC §3) or this project's nomic_moe format",
     )
 
@@ -178,15 +176,25 @@ def write_sentence_transformers_files(out: Path, hidden_size: int) -> None:
     (out / "2_Normalize").mkdir()
 
 
-def write_model_folder(out: Path, kw: dict, weights: Dict[str, torch.Tensor], tokenizer_dir: Path) -> None:
-    """Writes our format into ``out`` (which must exist and be empty)."""
+LAYOUTS = ("ours", "published")
+
+
+def config_dict(kw: dict, dtype: torch.dtype, layout_name: str = "ours") -> dict:
+    """config.json of either layout; the weights file is the same for both."""
+    dtype_name = str(dtype).replace("torch.", "")
+    if layout_name == "published":
+        return layout.published_config(kw, dtype_name)
     from nomic_moe_modeling.configuration_nomic_moe import NomicMoEConfig
 
+    cfg = NomicMoEConfig(**kw, architectures=["NomicMoEModel"]).to_dict()
+    cfg["torch_dtype"] = dtype_name
+    return cfg
+
+
+def write_model_folder(out: Path, kw: dict, weights: Dict[str, torch.Tensor], tokenizer_dir: Path, layout_name: str = "ours") -> None:
+    """Writes a model folder of either layout into ``out`` (which must exist and be empty)."""
     dtype = next(iter(weights.values())).dtype
-    config = NomicMoEConfig(**kw, architectures=["NomicMoEModel"])
-    config_dict = config.to_dict()
-    config_dict["torch_dtype"] = str(dtype).replace("torch.", "")
-    (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    (out / "config.json").write_text(json.dumps(config_dict(kw, dtype, layout_name), indent=2, sort_keys=True))
     size = sum(t.numel() * t.element_size() for t in weights.values())
     log(f"[2/4] writing model.safetensors ({size / 2**20:.0f} MiB, {len(weights)} tensors)")
     save_file({k: t.contiguous() for k, t in weights.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -230,42 +238,20 @@ def verify(folder: Path, kw: dict, source: Dict[str, torch.Tensor], dtype: torch
     return diff
 
 
-def make_readable(folder: Path) -> None:
-    """mkdtemp makes 0700 folders and safetensors 0600 files; a model folder is meant to be shared."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [folder, *folder.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+def build_verified(folder: Path, kw: dict, weights: dict, source: dict, tokenizer_dir: Path, check: bool = True,
+                   layout_name: str = "ours") -> None:
+    """Writes a model folder into the empty ``folder`` and verifies it against the reference."""
+    write_model_folder(folder, kw, weights, tokenizer_dir, layout_name)
+    if check:
+        verify(folder, kw, source, next(iter(weights.values())).dtype)
 
 
-def check_out_dir(out: str, force: bool) -> Path:
-    out_dir = Path(out).expanduser().resolve()
-    if out_dir.exists() and not force:
-        raise UserError(f"{out_dir} already exists", "choose a new OUT folder or pass --force to replace it")
-    return out_dir
-
-
-def write_verified(out_dir: Path, kw: dict, weights: dict, source: dict, tokenizer_dir: Path, check: bool = True) -> Path:
-    """Writes our format into a temporary folder, verifies it, then moves it to out_dir in one rename."""
-    target_dtype = next(iter(weights.values())).dtype
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        write_model_folder(tmp, kw, weights, tokenizer_dir)
-        make_readable(tmp)
-        if check:
-            verify(tmp, kw, source, target_dtype)
+def write_verified(out_dir: Path, kw: dict, weights: dict, source: dict, tokenizer_dir: Path, check: bool = True,
+                   force: bool = False, layout_name: str = "ours") -> Path:
+    """Writes and verifies a model folder beside out_dir, then puts it in place (files.publish)."""
+    with publishing(out_dir, force) as tmp:
+        build_verified(tmp, kw, weights, source, tokenizer_dir, check, layout_name)
         log(f"[4/4] moving into place: {out_dir}")
-        if out_dir.exists():  # --force: swap, then delete the old one
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -277,14 +263,18 @@ def convert(
     tokenizer: Optional[str] = None,
     force: bool = False,
     check: bool = True,
+    layout_name: str = "ours",
 ) -> Path:
     t0 = time.time()
     src_dir = resolve_source(src)
     out_dir = check_out_dir(out, force)
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype}", f"use one of {', '.join(DTYPES)}")
+    if layout_name not in LAYOUTS:
+        raise UserError(f"unknown --layout {layout_name}", f"use one of {', '.join(LAYOUTS)}")
     kind, kw, source = load_checked(src_dir)
     weights = {k: t.to(DTYPES[dtype]) for k, t in source.items()} if dtype is not None else source
-    write_verified(out_dir, kw, weights, source, Path(tokenizer).expanduser() if tokenizer else src_dir, check)
+    tokenizer_dir = Path(tokenizer).expanduser() if tokenizer else src_dir
+    write_verified(out_dir, kw, weights, source, tokenizer_dir, check, force=force, layout_name=layout_name)
     log(f"done in {time.time() - t0:.1f}s")
     return out_dir

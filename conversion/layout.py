@@ -9,37 +9,31 @@ from typing import Dict, Tuple
 
 from nomic_moe_files.errors import UserError
 
-# published config key -> (our config key, default when absent)
-CONFIG_KEYS = {
-    "vocab_size": ("vocab_size", 250048),
-    "n_embd": ("hidden_size", 768),
-    "n_head": ("num_attention_heads", 12),
-    "n_inner": ("intermediate_size", None),
-    "n_layer": ("num_hidden_layers", 12),
-    "n_positions": ("max_position_embeddings", 2048),
-    "layer_norm_epsilon": ("layer_norm_eps", 1e-5),
-    "type_vocab_size": ("type_vocab_size", 1),
-    "pad_token_id": ("pad_token_id", 1),
-    "rotary_emb_base": ("rope_theta", 10000.0),
-    "num_experts": ("num_experts", 0),
-    "moe_top_k": ("num_experts_per_tok", 1),
-    "moe_every_n_layers": ("moe_every_n_layers", 0),
-    "moe_normalize_expert_weights": ("norm_topk_prob", False),
-    "router_aux_loss_coef": ("router_aux_loss_coef", 0.1),
-    "initializer_range": ("initializer_range", 0.02),
-}
+from nomic_moe_modeling.configuration_nomic_moe import PUBLISHED_FIXED, PUBLISHED_KEYS
 
-# settings of the published family that our implementation does not cover: value it must have
-REQUIRED = {
-    "prenorm": False,
-    "rotary_emb_fraction": 1.0,
-    "rotary_emb_interleaved": False,
-    "rotary_scaling_factor": None,
-    "activation_function": "gelu",
-    "qkv_proj_bias": True,
-    "mlp_fc1_bias": True,
-    "mlp_fc2_bias": True,
+# published config key -> default when absent (our attribute: PUBLISHED_KEYS, else the same name)
+DEFAULTS = {
+    "vocab_size": 250048,
+    "n_embd": 768,
+    "n_head": 12,
+    "n_inner": None,
+    "n_layer": 12,
+    "n_positions": 2048,
+    "layer_norm_epsilon": 1e-5,
+    "type_vocab_size": 1,
+    "pad_token_id": 1,
+    "rotary_emb_base": 10000.0,
+    "num_experts": 0,
+    "moe_top_k": 1,
+    "moe_every_n_layers": 0,
+    "moe_normalize_expert_weights": False,
+    "router_aux_loss_coef": 0.1,
+    "initializer_range": 0.02,
 }
+CONFIG_KEYS = {theirs: (PUBLISHED_KEYS.get(theirs, theirs), default) for theirs, default in DEFAULTS.items()}
+
+# published settings our implementation does not cover: the value each must have
+REQUIRED = dict(PUBLISHED_FIXED, activation_function="gelu")
 
 
 def is_published_config(cfg: dict) -> bool:
@@ -65,6 +59,38 @@ def our_config_kwargs(published: dict) -> dict:
         kw.update(num_experts=1, num_experts_per_tok=1, moe_every_n_layers=0)
     kw["max_position_embeddings"] = max(kw["max_position_embeddings"], published.get("max_trained_positions", 0))
     return kw
+
+
+def published_config(kw: dict, dtype: str = "float32") -> dict:
+    """config.json of the published layout for our config kwargs: every key of the upstream file
+    (SPEC §3), the keys TEI, vLLM and llama.cpp read (SPEC §8), and an auto_map to OUR code files.
+
+    Also written, for vLLM under transformers 5 (whose own nomic_bert config would otherwise fill
+    in RoPE base 1000 and 12 heads): rope_theta and num_attention_heads. Not written: id2label
+    (llama.cpp's converter fails on its string keys) and hidden_size / num_hidden_layers (TEI's
+    ONNX config rejects a key next to its alias).
+    """
+    cfg = {
+        "architectures": ["NomicBertModel"],
+        "model_type": "nomic_bert",
+        "auto_map": {
+            "AutoConfig": "configuration_nomic_moe.NomicBertConfig",
+            "AutoModel": "modeling_nomic_moe.NomicBertModel",
+        },
+        "activation_function": "gelu",
+    }
+    for theirs, (ours, _) in CONFIG_KEYS.items():
+        cfg[theirs] = kw[ours]
+    cfg.update(
+        max_trained_positions=kw["max_position_embeddings"],
+        bos_token_id=kw.get("bos_token_id", 0),
+        eos_token_id=kw.get("eos_token_id", 2),
+        rope_theta=kw["rope_theta"],
+        num_attention_heads=kw["num_attention_heads"],
+        torch_dtype=dtype,
+    )
+    cfg.update(PUBLISHED_FIXED)
+    return cfg
 
 
 def published_shapes(kw: dict) -> Dict[str, Tuple[int, ...]]:

@@ -27,10 +27,12 @@ def _rope(x, base):
 
 
 @torch.no_grad()
-def reference_forward(weights: dict, kw: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def reference_forward(weights: dict, kw: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      gelu: str = "none") -> torch.Tensor:
     """weights: published keys -> tensors; kw: our config fields (layout.our_config_kwargs).
 
     Returns last_hidden_state [B, S, H] in fp32 (values at padding positions are meaningless).
+    gelu="tanh" computes every GELU with the tanh approximation, as TEI does (SPEC §8).
     """
     H, nh, E, k = kw["hidden_size"], kw["num_attention_heads"], kw["num_experts"], kw["num_experts_per_tok"]
     eps, D = kw["layer_norm_eps"], kw["hidden_size"] // kw["num_attention_heads"]
@@ -62,10 +64,10 @@ def reference_forward(weights: dict, kw: dict, input_ids: torch.Tensor, attentio
             w2 = W[p + "mlp.experts.mlp.w2"].view(E, -1, H)
             m = torch.zeros_like(h)
             for e in range(E):  # every expert on every token, weighted by its (possibly zero) gate
-                m = m + gate[..., e : e + 1] * (F.gelu(h @ w1[e].T) @ w2[e])
+                m = m + gate[..., e : e + 1] * (F.gelu(h @ w1[e].T, approximate=gelu) @ w2[e])
             m = m + W[p + "mlp.experts.bias"]
         else:
-            m = F.gelu(h @ W[p + "mlp.fc1.weight"].T + W[p + "mlp.fc1.bias"]) @ W[p + "mlp.fc2.weight"].T
+            m = F.gelu(h @ W[p + "mlp.fc1.weight"].T + W[p + "mlp.fc1.bias"], approximate=gelu) @ W[p + "mlp.fc2.weight"].T
             m = m + W[p + "mlp.fc2.bias"]
         h = _ln(h + m, W[p + "norm2.weight"], W[p + "norm2.bias"], eps)
     return h

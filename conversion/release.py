@@ -1,26 +1,36 @@
-"""`nomic-moe release SRC OUT [--push ORG/NAME] [--dry-run]`: one verified command, checkpoint -> Hub repo.
+"""`nomic-moe release SRC OUT [--layout ours|published|both] [--push ORG/NAME] [--dry-run] [--strict]`.
 
 convert (verified) -> export ONNX (validated) -> verify every loading path against the plain
-reference -> render the model card -> move OUT into place -> optionally upload. Any path past its
-bound fails the release and leaves no OUT.
+reference -> render the model card -> put OUT in place (files.publish) -> optionally upload.
+
+Required files (weights, code, config, tokenizer, sentence-transformers files, onnx/model.onnx)
+must pass or nothing is written. An optional ONNX variant (fused, fp16, int8) that misses its bound
+is left out, named with its measured number in verification.json and the card, and the release
+goes on; --strict makes any miss fatal. ReleaseResult.left_out says which happened.
+
+Layouts: "ours" (model_type nomic_moe, the default) or "published" (nomic_bert, what TEI, vLLM and
+llama.cpp read); "both" writes OUT/main (ours) and OUT/<published revision> (published), which
+--push uploads to the branch main and to a second branch of the same repo. The two folders differ
+only in config.json and the card: the weights and ONNX files are the same bytes (hard links).
 """
 
 import json
 import os
 import shutil
-import sys
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from nomic_moe_files import checks
 from nomic_moe_files.errors import UserError
 from nomic_moe_files.hub import resolve_source
+from nomic_moe_files.publish import check_out_dir, publishing
 
-from .convert import check_out_dir, load_checked, log, write_verified
+from .convert import build_verified, config_dict, load_checked, log
 
 TEXTS = [
     ("query", "What food did they eat?"),
@@ -35,8 +45,28 @@ BOUNDS = {  # path kind -> (min cosine, max abs diff of last_hidden_state or Non
     "fp32": (0.99999, 1e-4),
     "fused": (0.9999, None),
     "half": (0.999, None),
+    "int8": (0.999, None),
 }
-REPO_FILES_FIRST = ("README.md", "config.json", "model.safetensors")
+LAYOUT_CHOICES = ("ours", "published", "both")
+PUBLISHED_REVISION = "nomic-bert"
+
+
+@dataclass
+class ReleaseResult:
+    folders: dict  # Hub revision -> local folder
+    layout: str
+    left_out: List[dict] = field(default_factory=list)  # optional files that missed their bound
+
+    @property
+    def complete(self) -> bool:
+        return not self.left_out
+
+    def summary(self) -> str:
+        where = ", ".join(str(p) for p in self.folders.values())
+        if self.complete:
+            return f"release complete: {where}"
+        names = "; ".join(f"{e['file']} ({e['measured']}, needs {e['bound']})" for e in self.left_out)
+        return f"release written WITHOUT optional file(s): {names}: {where} (--strict makes this fatal)"
 
 
 def results_md_default() -> Optional[Path]:
@@ -141,7 +171,7 @@ def verify_release(folder: Path, kw: dict, published: dict) -> dict:
         path = folder / "onnx" / name
         if not path.exists():
             continue
-        kind = {"model": "fp32", "fused": "fused"}.get(which, "half")
+        kind = {"model": "fp32", "fused": "fused", "int8": "int8"}.get(which, "half")
         try:
             enc = OnnxEncoder(folder, f"onnx/{name}", provider="cpu")
             emb = torch.cat([torch.from_numpy(enc.encode([t], prompt=p)) for p, t in TEXTS])
@@ -152,17 +182,40 @@ def verify_release(folder: Path, kw: dict, published: dict) -> dict:
                 raise
             row = {"path": f"ONNX Runtime CPU {name}", "min_cosine": float("nan"), "max_abs": None,
                    "bound": "CUDA provider only", "ok": True, "skipped": f"{type(e).__name__}: {str(e)[:200]}"}
+        row["file"] = f"onnx/{name}"
+        row["required"] = which == "model"
         paths.append(row)
-    return {"texts": full, "paths": paths, "ok": all(r["ok"] for r in paths)}
+    return {"texts": full, "paths": paths, "ok": all(r["ok"] for r in paths if r.get("required", True))}
+
+
+@torch.no_grad()
+def verify_published_layout(folder: Path, ours: Path) -> List[dict]:
+    """The published-layout folder through AutoModel and sentence-transformers, against our layout."""
+    from sentence_transformers import SentenceTransformer
+
+    prompts = checks.read_json(folder / "config_sentence_transformers.json", "sentence-transformers config")["prompts"]
+    full = [prompts[p] + t for p, t in TEXTS]
+    rows = []
+    a = SentenceTransformer(str(ours), trust_remote_code=True, device="cpu").encode(full, prompt="", show_progress_bar=False)
+    st = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
+    b = st.encode(full, prompt="", show_progress_bar=False)
+    name = type(st[0].auto_model).__name__
+    cos = F.cosine_similarity(torch.as_tensor(a), torch.as_tensor(b), dim=-1).min().item()
+    diff = (torch.as_tensor(a) - torch.as_tensor(b)).abs().max().item()
+    rows.append({"path": f"published layout: sentence-transformers ({name}) vs our layout", "min_cosine": cos, "max_abs": diff,
+                 "bound": "abs <= 1e-05 (same weights, same code)", "ok": diff <= 1e-5})
+    return rows
 
 
 def print_table(report):
+    from nomic_moe_card.render import result_word
+
     w = max(len(r["path"]) for r in report["paths"])
     print(f"{'path':<{w}}  {'min cos':>9}  {'max abs':>8}  result")
     for r in report["paths"]:
         diff = "" if r.get("max_abs") is None else f"{r['max_abs']:.1e}"
         flips = f"; routing flips {r['routing_flips']}" if "routing_flips" in r else ""
-        print(f"{r['path']:<{w}}  {r['min_cosine']:9.6f}  {diff:>8}  {'pass' if r['ok'] else 'FAIL'}  ({r['bound']}{flips})")
+        print(f"{r['path']:<{w}}  {r['min_cosine']:9.6f}  {diff:>8}  {result_word(r)}  ({r['bound']}{flips})")
 
 
 def listing(folder: Path):
@@ -182,54 +235,110 @@ def push_token() -> str:
     return token
 
 
-def push(folder: Path, repo_id: str, token: str, private: bool = False) -> str:
-    """Uploads the folder as one commit: on the Hub it lands whole or not at all."""
+def push(folder: Path, repo_id: str, token: str, private: bool = False, revision: str = "main") -> str:
+    """Uploads the folder as one commit to ``revision``: on the Hub it lands whole or not at all."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, exist_ok=True, private=private)
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Release via nomic-moe release")
+    if revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
+                               commit_message=f"Release via nomic-moe release ({revision})")
     return getattr(commit, "commit_url", str(commit))
+
+
+def _engine_revisions(repo_id: str, layout_name: str, revision: str) -> dict:
+    """Which Hub revision each kind of user should name (the card's serving section)."""
+    if layout_name == "both":
+        return {"ours": "main", "published": revision}
+    return {layout_name: "main"}
+
+
+def _finish_folder(folder: Path, report: dict, left_out: list, repo_id: str, results_md, synthetic: bool,
+                   layout_name: str, revisions: dict) -> None:
+    from nomic_moe_card.render import render_card
+
+    report = dict(report, left_out=left_out, layout=layout_name, revisions=revisions)
+    (folder / "verification.json").write_text(json.dumps(report, indent=2))
+    card = render_card(folder, report, repo_id, results_md or results_md_default(), synthetic=synthetic,
+                       layout=layout_name, revisions=revisions)
+    (folder / "README.md").write_text(card)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """dst gets src's files as hard links (the same bytes, no second copy on disk)."""
+    for p in sorted(src.rglob("*")):
+        target = dst / p.relative_to(src)
+        if p.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(p, target)
+            except OSError:
+                shutil.copy2(p, target)
 
 
 def release(src: str, out: str, *, repo_id: str = "nomic-ai/nomic-embed-text-v2-moe", push_to: Optional[str] = None,
             dry_run: bool = False, force: bool = False, exporter: str = "auto", results_md=None, synthetic: bool = False,
-            private: bool = False) -> Path:
-    from nomic_moe_card.render import render_card
-
+            private: bool = False, layout_name: str = "ours", published_revision: str = PUBLISHED_REVISION,
+            strict: bool = False) -> ReleaseResult:
     from .onnx_export import export_onnx
 
     t0 = time.time()
+    if layout_name not in LAYOUT_CHOICES:
+        raise UserError(f"unknown --layout {layout_name}", f"use one of {', '.join(LAYOUT_CHOICES)}")
+    if layout_name == "both" and (not published_revision or published_revision == "main"):
+        raise UserError(f"--published-revision {published_revision!r}", "name a branch other than main, e.g. nomic-bert")
     src_dir = resolve_source(src)
     out_dir = check_out_dir(out, force)
     repo_id = push_to or repo_id
     token = push_token() if push_to and not dry_run else None
     _, kw, weights = load_checked(src_dir)  # read once: converted here and the reference below
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.release-", dir=out_dir.parent))
-    try:
-        staged = write_verified(work / "repo", kw, weights, weights, src_dir)
-        export_onnx(staged, exporter=exporter)
+    revisions = _engine_revisions(repo_id, layout_name, published_revision)
+    first = "published" if layout_name == "published" else "ours"
+    with publishing(out_dir, force) as tmp:
+        main = tmp / "main" if layout_name == "both" else tmp
+        main.mkdir(exist_ok=True)
+        build_verified(main, kw, weights, weights, src_dir, layout_name=first)
+        onnx_report = export_onnx(main, exporter=exporter, strict=strict)
+        left_out = list(onnx_report["left_out"])
         log("[release] verifying every loading path against the reference")
-        report = verify_release(staged, kw, weights)
+        report = verify_release(main, kw, weights)
+        for row in report["paths"]:
+            if row.get("required", True) or row["ok"]:
+                continue
+            if strict:
+                raise UserError(f"release verification failed for {row['file']} (--strict)", "nothing was written; see the table")
+            (main / row["file"]).unlink()
+            left_out.append({"file": row["file"], "measured": f"min cosine {row['min_cosine']:.6f}", "bound": row["bound"],
+                             "stage": "release verification"})
+        if layout_name == "both":
+            pub = tmp / published_revision
+            _link_tree(main, pub)
+            (pub / "config.json").unlink()  # a link to main's: write a new file, not through the link
+            (pub / "config.json").write_text(json.dumps(config_dict(kw, next(iter(weights.values())).dtype, "published"),
+                                                        indent=2, sort_keys=True))
+            report["paths"] += verify_published_layout(pub, main)
+            report["ok"] = report["ok"] and all(r["ok"] for r in report["paths"] if r.get("required", True))
         print_table(report)
-        (staged / "verification.json").write_text(json.dumps(report, indent=2))
         if not report["ok"]:
+            (main / "verification.json").write_text(json.dumps(report, indent=2))
             raise UserError("release verification failed (see the table)", "nothing was written; fix the failing path first")
-        card = render_card(staged, report, repo_id, results_md or results_md_default(), synthetic=synthetic)
-        (staged / "README.md").write_text(card)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staged, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    files = listing(out_dir)
-    total = sum(s for _, s in files)
-    log(f"[release] {out_dir}: {len(files)} files, {total / 2**20:.0f} MiB, in {time.time() - t0:.0f}s")
-    if dry_run:
-        print(f"would upload to {repo_id}:")
-        for name, size in files:
-            print(f"  {size / 2**20:10.2f} MiB  {name}")
-    elif push_to:
-        print(f"uploaded: {push(out_dir, push_to, token, private)}")
-    return out_dir
+        folders = {"main": main} if layout_name != "both" else {"main": main, published_revision: tmp / published_revision}
+        for rev, folder in folders.items():
+            which = layout_name if layout_name != "both" else ("ours" if rev == "main" else "published")
+            _finish_folder(folder, report, left_out, repo_id, results_md, synthetic, which, revisions)
+    folders = {"main": out_dir} if layout_name != "both" else {"main": out_dir / "main", published_revision: out_dir / published_revision}
+    result = ReleaseResult(folders, layout_name, left_out)
+    total = sum(s for folder in folders.values() for _, s in listing(folder))
+    log(f"[release] {out_dir}: {sum(len(listing(f)) for f in folders.values())} files, {total / 2**20:.0f} MiB, in {time.time() - t0:.0f}s")
+    for rev, folder in folders.items():
+        if dry_run:
+            print(f"would upload to {repo_id} (revision {rev}):")
+            for name, size in listing(folder):
+                print(f"  {size / 2**20:10.2f} MiB  {name}")
+        elif push_to:
+            print(f"uploaded: {push(folder, push_to, token, private, revision=rev)}")
+    return result

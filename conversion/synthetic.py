@@ -41,28 +41,84 @@ CORPUS = [
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model")
 
 
-def make_tokenizer(folder, vocab_size: int = 500):
-    """Trains a SentencePiece-style Unigram tokenizer laid out like XLM-R and saves it to ``folder``.
+def _proto_field(buf: bytes, wanted: int) -> bytes:
+    """The first length-delimited field number ``wanted`` of a protobuf message (wire format only)."""
+    def varint(i):
+        shift = value = 0
+        while True:
+            b = buf[i]
+            value |= (b & 0x7F) << shift
+            i += 1
+            if b < 0x80:
+                return value, i
+            shift += 7
 
-    ids: <s>=0, <pad>=1, </s>=2, <unk>=3, ..., <mask>=last; right padding; ``<s> ... </s>``.
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, i = varint(i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, i = varint(i)
+            if field == wanted:
+                return buf[i : i + n]
+            i += n
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+    return b""
+
+
+def train_unigram(vocab_size: int):
+    """(pieces with scores, precompiled_charsmap) of a SentencePiece Unigram model trained on CORPUS.
+
+    Trained by sentencepiece itself with XLM-R's normalisation (nmt_nfkc), so the charsmap is a real
+    one: llama.cpp's converter reads it from tokenizer.json, and HF applies it as XLM-R's does.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    import io
+    import logging
 
-    tok = Tokenizer(models.Unigram())
-    # the pipeline transformers 5's XLMRobertaTokenizer builds for itself, so that transformers 4
-    # (which reads this file as it is), transformers 5 and plain `tokenizers` all agree
+    import sentencepiece as spm
+
+    logging.getLogger("sentencepiece").setLevel(logging.ERROR)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 4), model_writer=model, model_type="unigram", vocab_size=vocab_size,
+        normalization_rule_name="nmt_nfkc", hard_vocab_limit=False, character_coverage=1.0, num_threads=1,
+        pad_id=-1, minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())
+              if not (sp.is_control(i) or sp.is_unknown(i))]
+    normalizer_spec = _proto_field(model.getvalue(), 3)  # ModelProto.normalizer_spec
+    return pieces, _proto_field(normalizer_spec, 2)  # NormalizerSpec.precompiled_charsmap
+
+
+def make_tokenizer(folder, vocab_size: int = 500):
+    """A SentencePiece Unigram tokenizer laid out like XLM-R's, saved to ``folder``.
+
+    ids: <s>=0, <pad>=1, </s>=2, <unk>=3, pieces, <mask>=last; right padding; ``<s> ... </s>``.
+    tokenizer.json has XLM-R's shape: a Precompiled (nmt_nfkc) normaliser, the pipeline that
+    transformers 5's XLMRobertaTokenizer builds (WhitespaceSplit + Metaspace), so that
+    transformers 4 (which reads the file as it is), transformers 5 and llama.cpp all agree.
+    """
+    import base64
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    pieces, charsmap = train_unigram(vocab_size - 5)
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + pieces + [("<mask>", 0.0)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    tok.normalizer = normalizers.Precompiled(charsmap)
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
     )
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size - 1,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-        unk_token="<unk>",
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    tok.add_special_tokens(["<mask>"])
+    tok.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>",
         pair="<s> $A </s> </s> $B </s>",
@@ -87,6 +143,15 @@ def make_tokenizer(folder, vocab_size: int = 500):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(folder))
+    # what a SentencePiece model says of itself (add a dummy prefix, collapse runs of spaces): llama.cpp's
+    # converter reads these two from the tokenizer when no sentencepiece.bpe.model is present
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="XLMRobertaTokenizer", add_prefix_space=True, clean_up_tokenization_spaces=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    # saving may re-serialise the normaliser; keep it as XLM-R's file has it
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["normalizer"] = {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(charsmap).decode()}
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
     return fast
 
 

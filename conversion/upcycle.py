@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from . import layout
 from nomic_moe_files.errors import UserError
 from nomic_moe_files.hub import resolve_source
+from nomic_moe_files.publish import check_out_dir
 
-from .convert import check_out_dir, load_checked, log, write_verified
+from . import layout
+from .convert import load_checked, log, write_verified
 
 
 def upcycle_weights(kw: dict, dense: dict, experts: int, top_k: int, every: int, renormalize: bool, bias: str, seed: int):
@@ -57,6 +58,6 @@ def upcycle(dense: str, out: str, *, experts: int = 8, top_k: int = 2, every: in
     new_kw, weights = upcycle_weights(kw, dense, experts, top_k, every, renormalize, bias, seed)
     n_moe = sum(layout.is_moe(new_kw, i) for i in range(new_kw["num_hidden_layers"]))
     log(f"upcycled {n_moe} of {new_kw['num_hidden_layers']} layers into {experts} experts (top-{top_k}), bias={bias}")
-    write_verified(out_dir, new_kw, weights, weights, Path(tokenizer) if tokenizer else src)
+    write_verified(out_dir, new_kw, weights, weights, Path(tokenizer) if tokenizer else src, force=force)
     log(f"done in {time.time() - t0:.1f}s")
     return out_dir

@@ -8,6 +8,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from nomic_moe_files import checks
 from nomic_moe_files.errors import UserError
 
 from .batching import MAX_SEQ_LENGTH, length_batches
@@ -34,6 +35,7 @@ class Encoder:
     def __init__(self, model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32):
         from transformers import AutoModel, AutoTokenizer
 
+        checks.model_folder(model_dir)  # one clear line for a broken file, before transformers reads it
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
         self.model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True, dtype=dtype).to(device).eval()

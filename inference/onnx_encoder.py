@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from nomic_moe_files import checks
 from nomic_moe_files.errors import UserError
 
 from .batching import MAX_SEQ_LENGTH, length_batches
@@ -32,7 +33,11 @@ def session(path: Path, provider: str = "cpu", threads: Optional[int] = None):
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=[wanted])
+    checks.onnx_file(path)
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=[wanted])
+    except Exception as e:  # ORT's own loader: a graph it cannot read or run
+        raise UserError(f"{path}: ONNX Runtime cannot load it ({checks.first_line(e)})", checks.REDOWNLOAD) from None
     if sess.get_providers()[0] != wanted:  # ORT falls back to the CPU without saying so
         raise UserError(f"{wanted} was asked for but the session runs on {sess.get_providers()}", "check the CUDA install")
     return sess
@@ -77,6 +82,7 @@ class OnnxEncoder:
         path = model_dir / file_name
         if not path.exists():
             raise UserError(f"{path} does not exist", f"run nomic-moe export-onnx {model_dir} first")
+        checks.model_folder(model_dir, need_weights=False)
         self.session = session(path, provider, threads)
         self.tokenizer = load_tokenizer(model_dir)
         st = model_dir / "config_sentence_transformers.json"

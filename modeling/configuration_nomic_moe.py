@@ -1,4 +1,13 @@
-"""Configuration of Nomic Embed v2 MoE. Defaults are the published nomic-embed-text-v2-moe."""
+"""Configuration of Nomic Embed v2 MoE. Defaults are the published nomic-embed-text-v2-moe.
+
+Two spellings of one configuration:
+  NomicMoEConfig   model_type "nomic_moe", transformers-style keys: our default layout. Without
+                   trust_remote_code, transformers refuses it and asks for remote code.
+  NomicBertConfig  model_type "nomic_bert", the published GPT-2 style keys (n_embd, n_head, ...):
+                   the layout TEI, vLLM and llama.cpp read. vLLM asserts the class name
+                   "NomicBertConfig", hence the name. Without trust_remote_code, transformers >= 5
+                   loads such a folder as its own dense nomic_bert and silently drops every expert.
+"""
 
 from transformers import PretrainedConfig
 
@@ -82,3 +91,67 @@ class NomicMoEConfig(PretrainedConfig):
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe_every_n_layers > 0 and i % self.moe_every_n_layers == 1
+
+
+# published (GPT-2 style) key -> our attribute; NomicBertConfig stores the published names
+PUBLISHED_KEYS = {
+    "n_embd": "hidden_size",
+    "n_head": "num_attention_heads",
+    "n_inner": "intermediate_size",
+    "n_layer": "num_hidden_layers",
+    "n_positions": "max_position_embeddings",
+    "layer_norm_epsilon": "layer_norm_eps",
+    "rotary_emb_base": "rope_theta",
+    "activation_function": "hidden_act",
+    "moe_top_k": "num_experts_per_tok",
+    "moe_normalize_expert_weights": "norm_topk_prob",
+}
+
+# settings of the published model family that this code does not implement: the value each must have
+PUBLISHED_FIXED = {
+    "prenorm": False,
+    "causal": False,
+    "rotary_emb_fraction": 1.0,
+    "rotary_emb_interleaved": False,
+    "rotary_emb_scale_base": None,
+    "rotary_scaling_factor": None,
+    "qkv_proj_bias": True,
+    "mlp_fc1_bias": True,
+    "mlp_fc2_bias": True,
+}
+
+
+class NomicBertConfig(NomicMoEConfig):
+    """NomicMoEConfig under the published checkpoint's model_type and key names.
+
+    Reads either spelling (n_embd or hidden_size, ...), stores and saves the published one, and
+    refuses published settings this code does not implement (prenorm, partial or interleaved
+    RoPE, missing biases).
+    """
+
+    model_type = "nomic_bert"
+    attribute_map = {ours: theirs for theirs, ours in PUBLISHED_KEYS.items()}
+
+    def __init__(self, **kwargs):
+        for theirs, ours in PUBLISHED_KEYS.items():
+            if theirs in kwargs:
+                value = kwargs.pop(theirs)
+                if ours in kwargs and kwargs[ours] != value:
+                    raise ValueError(f"config has {theirs}={value!r} and {ours}={kwargs[ours]!r}; they name one setting")
+                kwargs[ours] = value
+        # vLLM and transformers' own nomic_bert read rope_theta; keep it equal to rotary_emb_base
+        kwargs.pop("rope_parameters", None)
+        wrong = {k: kwargs[k] for k, v in PUBLISHED_FIXED.items() if k in kwargs and kwargs[k] != v}
+        if wrong:
+            raise ValueError(f"settings this implementation does not support: {wrong} (needs {dict((k, PUBLISHED_FIXED[k]) for k in wrong)})")
+        for k, v in PUBLISHED_FIXED.items():
+            kwargs.setdefault(k, v)
+        max_trained = kwargs.pop("max_trained_positions", None)
+        if max_trained is not None:
+            kwargs["max_position_embeddings"] = max(kwargs.get("max_position_embeddings", 0), max_trained)
+        kwargs.setdefault(
+            "auto_map",
+            {"AutoConfig": "configuration_nomic_moe.NomicBertConfig", "AutoModel": "modeling_nomic_moe.NomicBertModel"},
+        )
+        super().__init__(**kwargs)
+        self.max_trained_positions = self.max_position_embeddings

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from .configuration_nomic_moe import NomicMoEConfig
+from .configuration_nomic_moe import NomicBertConfig, NomicMoEConfig
 from .experts_nomic_moe import BACKENDS, auto_choice, experts_graph, why_unavailable
 
 logger = logging.get_logger(__name__)
@@ -565,3 +565,13 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         if attention_mask.dtype.is_floating_point and not is_exporting() and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
             raise ValueError("attention_mask must hold 0 (padding) and 1 (real token), not additive -inf/0 values")
         return attention_mask.bool()
+
+
+class NomicBertModel(NomicMoEModel):
+    """The same model for a folder in the published layout (model_type "nomic_bert", NomicBertConfig).
+
+    transformers' AutoModel only pairs a remote model class with the config class it names, hence
+    this alias; the weights, names and forward pass are NomicMoEModel's.
+    """
+
+    config_class = NomicBertConfig

@@ -57,3 +57,19 @@ def ckpts(tmp_path_factory):
 def published(folder: Path):
     """(weights, config) of a published-layout checkpoint."""
     return load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text())
+
+
+RELEASE_SHAPE = dict(num_experts=4, top_k=2, num_layers=4)
+RELEASE_REPO = "testorg/tiny-nomic-moe"
+
+
+@pytest.fixture(scope="session")
+def released_both(ckpts, tmp_path_factory):
+    """One release in both layouts (OUT/main ours, OUT/nomic-bert published), shared by the test files."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("sentence_transformers")
+    from nomic_moe_conversion.release import release
+
+    out = tmp_path_factory.mktemp("release") / "repo"
+    result = release(str(ckpts.source(**RELEASE_SHAPE)), str(out), repo_id=RELEASE_REPO, synthetic=True, layout_name="both")
+    return {"main": result.folders["main"], "published": result.folders["nomic-bert"], "result": result, "out": out}

@@ -12,19 +12,16 @@ pytest.importorskip("sentence_transformers")
 
 from nomic_moe_card.render import count_parameters, python_snippets  # noqa: E402
 from nomic_moe_files.errors import UserError  # noqa: E402
-from nomic_moe_conversion.release import push_token, release  # noqa: E402
-from nomic_moe_conversion.synthetic import make_published_checkpoint, published_config, real_size_shape  # noqa: E402
+from nomic_moe_conversion.release import push_token  # noqa: E402
+from nomic_moe_conversion.synthetic import published_config, real_size_shape  # noqa: E402
 from test_convert import _fake_hub_cache  # noqa: E402
 
-SHAPE = dict(num_experts=4, top_k=2, num_layers=4)
-REPO = "testorg/tiny-nomic-moe"
+from conftest import RELEASE_REPO as REPO, RELEASE_SHAPE as SHAPE  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def released(ckpts, tmp_path_factory):
-    out = tmp_path_factory.mktemp("release") / "repo"
-    release(str(ckpts.source(**SHAPE)), str(out), repo_id=REPO, synthetic=True)
-    return out
+def released(released_both):
+    return released_both["main"]
 
 
 def test_release_folder_is_complete_and_verified(released):
@@ -102,4 +99,20 @@ def test_cli_dry_run_lists_files_and_push_refusal_comes_first(ckpts, tmp_path):
     r = subprocess.run([sys.executable, "-m", "nomic_moe_cli", "release", src, str(tmp_path / "y"), "--dry-run", "--synthetic"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "would upload to nomic-ai/nomic-embed-text-v2-moe" in r.stdout and "onnx/model.onnx" in r.stdout
+    assert "would upload to nomic-ai/nomic-embed-text-v2-moe (revision main)" in r.stdout and "onnx/model.onnx" in r.stdout
+    assert r.stderr.strip().splitlines()[-1].startswith("release complete")
+
+
+def test_both_layouts_share_the_weight_bytes_and_differ_in_config(released_both):
+    main, pub = released_both["main"], released_both["published"]
+    assert released_both["out"].is_dir() and sorted(p.name for p in released_both["out"].iterdir()) == ["main", "nomic-bert"]
+    for name in ("model.safetensors", "onnx/model.onnx", "tokenizer.json", "modeling_nomic_moe.py"):
+        assert (main / name).read_bytes() == (pub / name).read_bytes(), name
+        assert (main / name).stat().st_ino == (pub / name).stat().st_ino, f"{name} is one file on disk (hard link)"
+    assert json.loads((main / "config.json").read_text())["model_type"] == "nomic_moe"
+    assert json.loads((pub / "config.json").read_text())["model_type"] == "nomic_bert"
+    report = json.loads((pub / "verification.json").read_text())
+    assert any(r["path"].startswith("published layout") and r["ok"] for r in report["paths"])
+    for card in (main / "README.md", pub / "README.md"):
+        text = card.read_text()
+        assert "--revision nomic-bert" in text and "trust_remote_code=True" in text and "cosine 0.18" in text
