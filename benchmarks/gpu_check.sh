@@ -15,13 +15,15 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZE
 status=0
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"; } | tee "$out/gpu_env.txt"
+  python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+  echo "== doctor: what auto picks on this GPU, and the kernels compiled for it"
+  python3 -m nomic_moe_cli doctor --dtype bfloat16 --compile; python3 -m nomic_moe_cli doctor --dtype float16; } 2>&1 | tee "$out/gpu_env.txt"
 
 echo "== correctness: backends, varlen attention, whole model bf16 vs fp32 (about 1 min)"
 timeout 180 python3 benchmarks/gpu_checks.py 2>&1 | tee "$out/gpu_checks.txt" || status=1
 
 echo "== unit tests on CUDA (triton kernels for real, not interpreted)"
-(cd tests && timeout 120 python3 -m pytest -q -x test_triton.py test_experts.py test_model.py -p no:cacheprovider) 2>&1 | tail -5 | tee "$out/gpu_pytest.txt" || status=1
+(cd tests && timeout 180 python3 -m pytest -q -x test_triton.py test_experts.py test_model.py test_gpu_paths.py -p no:cacheprovider) 2>&1 | tail -5 | tee "$out/gpu_pytest.txt" || status=1
 
 echo "== benchmark: full size, bf16 and fp16, mixed-length workload"
 timeout 240 python3 -m nomic_moe_cli bench --device cuda --dtypes bfloat16,float16 --texts 4096 \

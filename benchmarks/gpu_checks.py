@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from nomic_moe_conversion.release import half_precision_row
 from nomic_moe_modeling.configuration_nomic_moe import NomicMoEConfig
-from nomic_moe_modeling.experts_nomic_moe import BACKENDS, why_unavailable
+from nomic_moe_modeling.experts_nomic_moe import BACKENDS, Target, why_unavailable
 from nomic_moe_modeling.modeling_nomic_moe import NomicMoEModel, NomicMoERouter
 
 failures = []
@@ -49,7 +49,7 @@ def main():
                 x, r, w1, w2 = case(N, dtype, dev)
                 ref = BACKENDS["eager"](x.float(), r, w1.float(), w2.float())
                 for name in ("sorted", "grouped_mm", "triton"):
-                    why = why_unavailable(name, dev, dtype, False)
+                    why = why_unavailable(name, Target.of(dev, dtype), False)
                     if why:
                         print(f"SKIP  {name} {dtype} N={N}: {why}")
                         continue
@@ -84,7 +84,7 @@ def main():
         m = mask[..., None].float()
         e32 = F.normalize((ref.last_hidden_state * m).sum(1) / m.sum(1), dim=-1)
         for impl in ("sorted", "grouped_mm", "triton", "auto"):
-            if impl != "auto" and why_unavailable(impl, dev, torch.bfloat16, False):
+            if impl != "auto" and why_unavailable(impl, Target.of(dev, torch.bfloat16), False):
                 continue
             gpu_model.set_moe_implementation(impl)
             out = gpu_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_router_logits=True)

@@ -158,6 +158,18 @@ def cmd_demo(a):
     print(f"release folder, ready to upload (nomic-moe release ... --push ORG/NAME): {out}")
 
 
+def cmd_doctor(a):
+    from nomic_moe_inference.doctor import print_report, report
+
+    r = report(a.capability, a.dtype, a.compile)
+    if a.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print_report(r)
+    if a.compile and not all(c["ok"] for c in r["compiled"]):
+        return 1
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="nomic-moe", description="Nomic Embed v2 MoE: convert, verify, encode.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -256,6 +268,13 @@ def build_parser():
     r.add_argument("--strict", action="store_true",
                    help="fail if an optional ONNX variant misses its bound (default: leave it out, say so, exit 3)")
     r.set_defaults(func=cmd_release)
+
+    dr = sub.add_parser("doctor", help="what will run here (attention kernel, expert backend) and why")
+    dr.add_argument("--capability", metavar="MAJOR.MINOR", help="simulate a CUDA GPU (7.5 T4, 8.0 A100, 8.9 L4, 9.0 H100)")
+    dr.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="bfloat16")
+    dr.add_argument("--compile", action="store_true", help="compile each Triton kernel for that architecture, here on the CPU")
+    dr.add_argument("--json", action="store_true", help="one JSON object")
+    dr.set_defaults(func=cmd_doctor)
 
     d = sub.add_parser("demo", help="release (convert, ONNX, verify, card) and encode the model card's examples")
     d.add_argument("src", nargs="?", help="checkpoint folder (default: the Hub cache, else a synthetic one)")

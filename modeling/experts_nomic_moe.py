@@ -17,7 +17,11 @@ tests hold the others to.
               bf16 on CUDA, no padding of segments, no host sync (below, beside experts_sorted).
 """
 
+import functools
 import os
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -184,9 +188,13 @@ if triton is not None:
         tl.store(y_ptr + dest[:, None] * H + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-def _tiles():
+def _tiles(capability=None):
+    """Tile sizes and launch options of the kernel pair, per architecture (`nomic-moe doctor --compile` shows each)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32), {}  # small tiles: the interpreter is slow
+    if capability is not None and tuple(capability) < (8, 0):
+        # no mma before sm_80 in Triton: the dot runs on FMA units, and 64x128 tiles spill (8.7 KB of stack)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), dict(num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), dict(num_warps=4, num_stages=3)
 
 
@@ -199,7 +207,7 @@ def triton_experts(x, routing, w1, w2):
     k = routing.top_k
     M = N * k
     x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
-    tiles, launch = _tiles()
+    tiles, launch = _tiles(cuda_capability(x.device.index) if x.is_cuda else None)
     BM = tiles["BLOCK_M"]
     # block schedule on the device: expert e owns ceil(count_e / BM) consecutive programs
     block_ends = ((routing.counts + BM - 1) // BM).cumsum(0).to(torch.int32)
@@ -229,39 +237,154 @@ BACKENDS = {
 }
 
 
-def triton_available():
+# --------------------------------------------------------------------------------------------
+# Which backend runs where.
+#
+# Each fast path states what it needs (why_unavailable: device, compute capability, dtype,
+# packages, training). `auto` takes the first of auto_candidates() whose needs are met; "sorted"
+# (plain torch GEMMs) is the floor and runs everywhere. A fast path that fails at first use (an
+# import, a compile, no C compiler for Triton's launcher, a launch out of resources, an
+# architecture it does not support) is marked broken for that device and dtype, warned about
+# once, and the next candidate computes the same result. An explicit choice is never swapped.
+# --------------------------------------------------------------------------------------------
+
+FLOOR = "sorted"
+HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a forward pass runs: device type, CUDA compute capability (None elsewhere), dtype."""
+
+    device: str
+    capability: Optional[Tuple[int, int]]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, device, dtype: torch.dtype) -> "Target":
+        device = torch.device(device)
+        return cls(device.type, cuda_capability(device.index) if device.type == "cuda" else None, dtype)
+
+    def __str__(self) -> str:
+        cap = f" sm_{self.capability[0]}{self.capability[1]}" if self.capability else ""
+        return f"{self.device}{cap} {str(self.dtype).replace('torch.', '')}"
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_capability(index=None) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def triton_available() -> bool:
     return triton is not None
 
 
-def why_unavailable(name, device: torch.device, dtype: torch.dtype, training: bool):
-    """None if backend ``name`` can run here, else the reason in words."""
+def why_unavailable(name: str, target: Target, training: bool, triton_present: Optional[bool] = None) -> Optional[str]:
+    """None if backend ``name`` can run on ``target``, else the reason in words."""
+    triton_present = triton_available() if triton_present is None else triton_present
     if name not in BACKENDS:
         return f"unknown MoE implementation {name!r}; choose one of {', '.join(['auto', *BACKENDS])}"
-    if name == "grouped_mm" and _grouped_mm() is None:
-        return f"this torch ({torch.__version__}) has no grouped_mm; upgrade torch or use 'sorted'"
+    if name == "grouped_mm":
+        if _grouped_mm() is None:
+            return f"this torch ({torch.__version__}) has no grouped_mm; upgrade torch or use 'sorted'"
+        if target.device == "cuda" and (target.dtype != torch.bfloat16 or (target.capability or (0, 0)) < (8, 0)):
+            return f"torch's grouped_mm takes bf16 on CUDA sm_80 or newer, not {target}"
     if name == "triton":
-        if not triton_available():
+        if not triton_present:
             return "triton is not installed (pip install triton)"
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            return f"the triton kernels run on CUDA (or under TRITON_INTERPRET=1), not on {device.type}"
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"the triton kernels take fp16/bf16/fp32 activations, not {dtype}"
+        if target.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return f"the triton kernels run on CUDA (or under TRITON_INTERPRET=1), not on {target.device}"
+        if target.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"the triton kernels take fp16/bf16/fp32 activations, not {target.dtype}"
         if training:
             return "the triton kernels have no backward pass; use 'grouped_mm' or 'sorted' for training"
     return None
 
 
-def auto_choice(device: torch.device, dtype: torch.dtype, training: bool) -> str:
-    """The backend for this device and dtype.
+def auto_candidates(target: Target, training: bool, triton_present: Optional[bool] = None) -> List[Tuple[str, str]]:
+    """`auto`'s choices for ``target``, fastest first, each with why; the last one, "sorted", runs everywhere."""
+    plan = []
+    cap = target.capability or (0, 0)
+    if target.device == "cuda" and target.dtype in HALF:
+        if why_unavailable("triton", target, training, triton_present) is None:
+            if cap >= (8, 0):
+                plan.append(("triton", f"fused gather+GEMM+GELU and GEMM+weight+scatter on tensor cores, no host sync ({target})"))
+        if why_unavailable("grouped_mm", target, training) is None and cap >= (9, 0):
+            plan.append(("grouped_mm", f"two grouped GEMMs per layer, no host sync (CUTLASS on sm_90+; {target})"))
+    if target.device == "cuda" and cap < (8, 0):
+        why = f"per-expert cuBLAS GEMMs on tensor cores: Triton emits no tensor-core (mma) instructions for sm_{cap[0]}{cap[1]}"
+        if target.dtype == torch.bfloat16:
+            why += "; bf16 has no tensor cores before sm_80 (emulated, slow): use float16"
+    elif target.device == "cuda" and training:
+        why = "training: a differentiable path (one host sync per layer to slice the segments)"
+    elif target.device == "cuda":
+        why = "the floor: per-expert cuBLAS GEMMs on contiguous segments"
+    else:
+        why = f"{target.device}: GEMM-bound, measured within a few percent of the other backends (benchmarks/RESULTS.md)"
+    plan.append((FLOOR, why))
+    return plan
 
-    CPU: measured (benchmarks/RESULTS.md): the backends are within a few percent of each other,
-    GEMM-bound; sorted has one host sync and contiguous segments. CUDA: chosen by design (no host
-    sync, fused gather/scatter) and still to be confirmed by benchmarks/gpu_check.sh on a GPU.
-    """
-    if device.type == "cuda":
-        if dtype in (torch.float16, torch.bfloat16) and not training and triton_available():
-            return "triton"
-        major, _ = torch.cuda.get_device_capability(device)
-        if dtype == torch.bfloat16 and major >= 9 and _grouped_mm() is not None:
-            return "grouped_mm"
-    return "sorted"
+
+def why_not_auto(name: str, target: Target, training: bool) -> str:
+    """Why `auto` does not offer backend ``name`` on ``target`` (for the doctor)."""
+    hard = why_unavailable(name, target, training)
+    if hard:
+        return hard
+    cap = target.capability or (0, 0)
+    if name == "eager":
+        return "the reference loop: one host sync per expert, never chosen by auto"
+    if target.device != "cuda":
+        return f"on {target.device} the backends are within a few percent (GEMM-bound); sorted has the fewest steps"
+    if target.dtype not in HALF:
+        return f"auto uses the fused kernels in fp16/bf16 only; {str(target.dtype).replace('torch.', '')} runs cuBLAS"
+    if name == "triton" and cap < (8, 0):
+        return (f"compiles for sm_{cap[0]}{cap[1]}, but without tensor-core instructions: its dot runs on FMA units, "
+                "a fraction of the tensor-core rate that cuBLAS reaches")
+    if name == "grouped_mm" and cap < (9, 0):
+        return "torch's grouped GEMM is fused (CUTLASS) on sm_90+ only; below that it loops over groups"
+    return "not preferred here"
+
+
+_BROKEN = {}  # (backend, Target) -> why it failed at first use
+
+
+def is_broken(name: str, target: Target) -> bool:
+    return (name, target) in _BROKEN
+
+
+def mark_broken(name: str, target: Target, error: BaseException, instead: str, what: str = "expert kernel") -> None:
+    """Remember a fast path (an expert or attention kernel) that failed on this device and dtype, and say so once."""
+    if (name, target) in _BROKEN:
+        return
+    _BROKEN[(name, target)] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+    warnings.warn(
+        f"NomicMoE: the {name!r} {what} failed at first use on {target} ({_BROKEN[(name, target)]}); "
+        f"using {instead!r} from now on. The embeddings are unaffected; speed may be lower. "
+        "`nomic-moe doctor` shows what runs here and why.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def auto_choice(target: Target, training: bool) -> str:
+    """The backend `auto` uses now on ``target``: the first candidate not marked broken."""
+    for name, _ in auto_candidates(target, training):
+        if not is_broken(name, target):
+            return name
+    return FLOOR
+
+
+def run_auto(x, routing, w1, w2, training: bool):
+    """(output, backend used): the first candidate that works; failures fall through to the floor."""
+    target = Target.of(x.device, x.dtype)
+    candidates = [n for n, _ in auto_candidates(target, training) if not is_broken(n, target)] or [FLOOR]
+    for i, name in enumerate(candidates):
+        if i == len(candidates) - 1:  # the last resort runs unguarded: its errors are real errors
+            return BACKENDS[name](x, routing, w1, w2), name
+        try:
+            return BACKENDS[name](x, routing, w1, w2), name
+        except torch.cuda.OutOfMemoryError:
+            raise  # not a property of the path: every backend needs the memory
+        except Exception as e:  # noqa: BLE001 - compile, launcher, resources, architecture: fall back
+            mark_broken(name, target, e, candidates[i + 1])
+    raise AssertionError("unreachable")

@@ -23,6 +23,8 @@ norm1, norm2, mlp.router.layer, mlp.experts.mlp.w1 as [E*I, H], ...): one weight
 byte, serves this code, TEI, vLLM and llama.cpp.
 """
 
+import functools
+import importlib.util
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -33,7 +35,16 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 from .configuration_nomic_moe import NomicBertConfig, NomicMoEConfig
-from .experts_nomic_moe import BACKENDS, auto_choice, experts_graph, why_unavailable
+from .experts_nomic_moe import (
+    BACKENDS,
+    Target,
+    auto_choice,
+    experts_graph,
+    is_broken,
+    mark_broken,
+    run_auto,
+    why_unavailable,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -183,26 +194,109 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def varlen_kernel(q: torch.Tensor, implementation: str):
-    """A variable-length attention kernel for packed [N, heads, D] CUDA fp16/bf16 tensors, or None.
+# Attention kernels: each takes packed q, k, v [N, heads, D] and returns the context [N, heads, D].
 
-    flash-attn when the user has it, else torch's own (torch.nn.attention.varlen). Elsewhere
-    (CPU, fp32, eager requested) the caller runs SDPA on the right-padded layout.
-    """
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or implementation not in (None, "sdpa", "flash_attention_2"):
-        return None
-    try:
+
+def attend_flash_varlen(q, k, v, packing):
+    try:  # optional; inside try so that transformers' check of remote-code imports lets it be absent
         from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise RuntimeError("flash-attn is not installed") from e
 
-        return flash_attn_varlen_func
-    except ImportError:
-        pass
-    try:
+    L = packing.max_len
+    return flash_attn_varlen_func(q, k, v, packing.cu_seqlens, packing.cu_seqlens, L, L)
+
+
+def attend_torch_varlen(q, k, v, packing):
+    try:  # torch's own FlashAttention, torch >= 2.9
         from torch.nn.attention.varlen import varlen_attn
+    except ImportError as e:
+        raise RuntimeError(f"torch {torch.__version__} has no torch.nn.attention.varlen") from e
 
-        return varlen_attn
-    except ImportError:
-        return None
+    L = packing.max_len
+    return varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, L, L)
+
+
+def attend_per_text(q, k, v, packing):
+    """CPU: one SDPA call per text costs microseconds and computes no padded scores at all."""
+    bounds = packing.text_bounds()
+    ctx = torch.empty_like(q)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            qi, ki, vi = (t[lo:hi].transpose(0, 1)[None] for t in (q, k, v))  # [1, h, n, D]
+            ctx[lo:hi] = F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1)
+    return ctx
+
+
+def attend_padded(q, k, v, packing, eager: bool = False):
+    """The floor: SDPA (or the explicit softmax) on the texts right-padded to the longest: [B, h, L, D]."""
+    head_dim = q.shape[-1]
+    q, k, v = (packing.to_attention_layout(t).transpose(1, 2) for t in (q, k, v))
+    mask = packing.key_mask[:, None, None, :]  # [B, 1, 1, L]
+    if eager:
+        scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        ctx = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+    else:
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return packing.from_attention_layout(ctx.transpose(1, 2))  # [N, h, D]
+
+
+ATTENTION_KERNELS = {
+    "flash_attn_varlen": attend_flash_varlen,
+    "torch_varlen": attend_torch_varlen,
+    "sdpa_per_text": attend_per_text,
+    "sdpa_padded": attend_padded,
+    "eager_padded": lambda q, k, v, packing: attend_padded(q, k, v, packing, eager=True),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def attention_packages() -> dict:
+    """Which optional attention kernels this environment has (checked once)."""
+    have = {}
+    for name, module in (("flash_attn", "flash_attn"), ("torch_varlen", "torch.nn.attention.varlen")):
+        try:
+            have[name] = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            have[name] = False
+    return have
+
+
+def attention_candidates(target: Target, head_dim: int, implementation=None, graph: bool = False, packages=None):
+    """[(kernel, why)] for this target, fastest first; the last one runs everywhere it is offered.
+
+    "sdpa" (transformers' default) and None mean "choose"; "eager" and "flash_attention_2" are
+    explicit requests: one kernel, refused with the reason where it cannot run.
+    """
+    have = attention_packages() if packages is None else packages
+    cap = target.capability or (0, 0)
+    flash_ok = target.device == "cuda" and target.dtype in (torch.float16, torch.bfloat16) and cap >= (8, 0) and head_dim <= 256
+    if graph:
+        return [("sdpa_padded", "graph export: attention over the input's own [B, S] layout, nothing sized from the data")]
+    if implementation == "eager":
+        return [("eager_padded", "attn_implementation='eager' was asked for")]
+    if implementation == "flash_attention_2":
+        if not have["flash_attn"]:
+            raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package (pip install flash-attn)")
+        if not flash_ok:
+            raise ValueError(f"attn_implementation='flash_attention_2' needs CUDA sm_80+ in fp16/bf16 and head size <= 256, not {target}")
+        return [("flash_attn_varlen", "attn_implementation='flash_attention_2' was asked for")]
+    if target.device != "cuda":
+        return [("sdpa_per_text", f"{target.device}: one SDPA call per text, no padded scores")]
+    plan = []
+    if flash_ok and have["flash_attn"]:
+        plan.append(("flash_attn_varlen", f"packed tokens, no padding (flash-attn; {target})"))
+    if flash_ok and have["torch_varlen"]:
+        plan.append(("torch_varlen", f"packed tokens, no padding (torch's FlashAttention; {target})"))
+    if flash_ok:
+        why = "padded SDPA: no variable-length kernel is installed"
+    elif target.dtype not in (torch.float16, torch.bfloat16):
+        why = f"padded SDPA: FlashAttention takes fp16/bf16, not {str(target.dtype).replace('torch.', '')}"
+    else:
+        why = f"padded SDPA (memory-efficient or math kernel): FlashAttention needs sm_80+, this is sm_{cap[0]}{cap[1]}"
+    plan.append(("sdpa_padded", why))
+    return plan
 
 
 class NomicMoEAttention(nn.Module):
@@ -216,6 +310,7 @@ class NomicMoEAttention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # rows [q | k | v], head-major
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.config = config  # read at call time: transformers may switch the implementation after init
+        self.last_used = None
 
     def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
         N, H = x.shape
@@ -223,33 +318,27 @@ class NomicMoEAttention(nn.Module):
         cos, sin = packing.rope(self.head_dim, self.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        implementation = "sdpa-padded" if packing.graph else self.config._attn_implementation
-        varlen = varlen_kernel(q, implementation)
-        if varlen is not None:  # the packed tokens as they are: no padding anywhere
-            L = packing.max_len
-            ctx = varlen(q, k, v, packing.cu_seqlens, packing.cu_seqlens, L, L)  # [N, h, D]
-            return self.out_proj(ctx.reshape(N, H))
-        if not q.is_cuda and implementation in (None, "sdpa"):
-            # CPU: one SDPA call per text costs microseconds and computes no padded scores at all
-            bounds = packing.text_bounds()
-            ctx = torch.empty_like(q)
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                if hi > lo:
-                    qi, ki, vi = (t[lo:hi].transpose(0, 1)[None] for t in (q, k, v))  # [1, h, n, D]
-                    ctx[lo:hi] = F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1)
-            return self.out_proj(ctx.reshape(N, H))
-
-        # softmax attention is the one step that needs the texts: [N, h, D] -> [B, h, L, D]
-        q, k, v = (packing.to_attention_layout(t).transpose(1, 2) for t in (q, k, v))
-        mask = packing.key_mask[:, None, None, :]  # [B, 1, 1, L]
-        if implementation == "eager":
-            scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            ctx = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
-        else:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        ctx = packing.from_attention_layout(ctx.transpose(1, 2))  # [N, h, D]
+        ctx = self.attend(q, k, v, packing)
         return self.out_proj(ctx.reshape(N, H))
+
+    def attend(self, q, k, v, packing: Packing) -> torch.Tensor:
+        """Softmax attention, the one step that needs the texts; a kernel that fails at first use falls back."""
+        target = Target.of(q.device, q.dtype)
+        plan = attention_candidates(target, self.head_dim, self.config._attn_implementation, packing.graph)
+        plan = [name for name, _ in plan if not is_broken(name, target)] or [plan[-1][0]]
+        for i, name in enumerate(plan):
+            if i == len(plan) - 1:
+                self.last_used = name
+                return ATTENTION_KERNELS[name](q, k, v, packing)
+            try:
+                ctx = ATTENTION_KERNELS[name](q, k, v, packing)
+                self.last_used = name
+                return ctx
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - e.g. FlashAttention on an unsupported GPU: fall back
+                mark_broken(name, target, e, plan[i + 1], what="attention kernel")
+        raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,20 +434,18 @@ class NomicMoEExperts(nn.Module):
         self.implementation = config.moe_implementation  # "auto" or a name in BACKENDS
         self.last_used = None
 
-    def backend(self, x: torch.Tensor) -> str:
-        # the triton kernels have no backward: whenever autograd would record, use a differentiable path
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        w1, w2 = self.mlp.per_expert()
+        # the triton kernels have no backward: whenever autograd would record, a differentiable path runs
         training = torch.is_grad_enabled() and (x.requires_grad or self.mlp.w1.requires_grad)
         if self.implementation == "auto":
-            return auto_choice(x.device, x.dtype, training)
-        why = why_unavailable(self.implementation, x.device, x.dtype, training)
+            out, self.last_used = run_auto(x, routing, w1, w2, training)
+            return out + self.bias
+        why = why_unavailable(self.implementation, Target.of(x.device, x.dtype), training)
         if why:
             raise RuntimeError(f"moe_implementation={self.implementation!r} cannot run here: {why}")
-        return self.implementation
-
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        self.last_used = self.backend(x)
-        out = BACKENDS[self.last_used](x, routing, *self.mlp.per_expert())
-        return out + self.bias
+        self.last_used = self.implementation
+        return BACKENDS[self.implementation](x, routing, w1, w2) + self.bias
 
     def extra_repr(self) -> str:
         E, I, H = self.mlp.shape
@@ -468,7 +555,7 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         """
         if name != "auto":
             p = self.embeddings.word_embeddings.weight
-            why = why_unavailable(name, p.device, p.dtype, training=False)
+            why = why_unavailable(name, Target.of(p.device, p.dtype), training=False)
             if why:
                 raise ValueError(f"moe_implementation={name!r} cannot run here: {why}")
         self.config.moe_implementation = name
@@ -476,7 +563,7 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
             if layer.is_moe:
                 layer.mlp.experts.implementation = name
         p = self.embeddings.word_embeddings.weight
-        chosen = auto_choice(p.device, p.dtype, self.training) if name == "auto" else name
+        chosen = auto_choice(Target.of(p.device, p.dtype), self.training) if name == "auto" else name
         logger.info(f"NomicMoE: MoE implementation {name!r} -> {chosen} on {p.device.type}/{str(p.dtype).replace('torch.', '')}")
 
     def get_input_embeddings(self):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nomic_moe_modeling.configuration_nomic_moe import NomicMoEConfig
-from nomic_moe_modeling.experts_nomic_moe import BACKENDS, auto_choice, triton_available, why_unavailable
+from nomic_moe_modeling.experts_nomic_moe import BACKENDS, Target, auto_choice, triton_available, why_unavailable
 from nomic_moe_modeling.modeling_nomic_moe import NomicMoEModel, NomicMoERouter
 
 
@@ -80,10 +80,10 @@ def test_backend_switch_and_refusals(ckpts):
 
 
 def test_auto_choice_rules():
-    assert auto_choice(torch.device("cpu"), torch.float32, False) == "sorted"
-    assert auto_choice(torch.device("cpu"), torch.bfloat16, False) == "sorted"
-    assert why_unavailable("sorted", torch.device("cpu"), torch.float32, True) is None
-    why = why_unavailable("triton", torch.device("cuda"), torch.bfloat16, True)
+    assert auto_choice(Target("cpu", None, torch.float32), False) == "sorted"
+    assert auto_choice(Target("cpu", None, torch.bfloat16), False) == "sorted"
+    assert why_unavailable("sorted", Target("cpu", None, torch.float32), True) is None
+    why = why_unavailable("triton", Target("cuda", (9, 0), torch.bfloat16), True)
     assert ("backward" if triton_available() else "not installed") in why
 
 
