@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/out}
 mkdir -p "$out"
 site=$(mktemp -d)
-for pkg in modeling conversion files inference cli; do ln -s "$PWD/$pkg" "$site/nomic_moe_$pkg"; done
+for pkg in modeling conversion files inference cli training; do ln -s "$PWD/$pkg" "$site/nomic_moe_$pkg"; done
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 status=0
 

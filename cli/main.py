@@ -158,6 +158,24 @@ def cmd_demo(a):
     print(f"release folder, ready to upload (nomic-moe release ... --push ORG/NAME): {out}")
 
 
+def cmd_embed(a):
+    from nomic_moe_inference.corpus.job import embed_corpus
+
+    embed_corpus(a.model, a.input, a.output, engine=a.engine, text_column=a.text_column, id_column=a.id_column,
+                 prompt=a.prompt, dim=a.dim, dtype=a.dtype, onnx=a.onnx, batch_tokens=a.batch_tokens, part_rows=a.part_rows,
+                 on_bad_rows=a.on_bad_rows, device=a.device, threads=a.threads, replicas=a.replicas,
+                 cpus_per_replica=a.cpus_per_replica)
+
+
+def cmd_finetune(a):
+    from nomic_moe_training.finetune import finetune
+
+    finetune(a.model, a.train, a.out, eval_file=a.eval, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, matryoshka=a.matryoshka,
+             hard_negatives=a.hard_negatives, aux_loss_coef=a.aux_loss_coef, bf16=a.bf16, max_steps=a.max_steps, resume=a.resume,
+             cached_batch=a.cached_batch, gradient_checkpointing=a.gradient_checkpointing, save_steps=a.save_steps,
+             logging_steps=a.logging_steps, seed=a.seed, device=a.device, force=a.force)
+
+
 def cmd_doctor(a):
     from nomic_moe_inference.doctor import print_report, report
 
@@ -268,6 +286,50 @@ def build_parser():
     r.add_argument("--strict", action="store_true",
                    help="fail if an optional ONNX variant misses its bound (default: leave it out, say so, exit 3)")
     r.set_defaults(func=cmd_release)
+
+    em = sub.add_parser("embed", help="embed a corpus (JSON lines / parquet / CSV) into parquet parts, resumable, exactly once")
+    em.add_argument("model", help="model folder or Hub repo id")
+    em.add_argument("input", help="a .jsonl/.parquet/.csv file, a folder of them, or a glob (quote it)")
+    em.add_argument("output", help="output folder: part-NNNNN.parquet (id, embedding) + manifest.json; rerun to resume")
+    em.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default) or Ray Data (RAY_ADDRESS joins a cluster)")
+    em.add_argument("--text-column", default="text")
+    em.add_argument("--id-column", default="id")
+    em.add_argument("--prompt", default="document", help="prompt name (default document; query for queries; none for no prompt)")
+    em.add_argument("--dim", type=int, help="Matryoshka dimension (768 or 256), re-normalised")
+    em.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    em.add_argument("--onnx", metavar="FILE", help="run ONNX Runtime on onnx/FILE instead of PyTorch")
+    em.add_argument("--batch-tokens", type=int, default=8192, help="real tokens per batch (default 8192)")
+    em.add_argument("--part-rows", type=int, default=10000, help="rows per output part, the unit of resumption (default 10000)")
+    em.add_argument("--on-bad-rows", choices=["refuse", "skip"], default="refuse",
+                    help="refuse (default): name the bad rows and embed nothing; skip: write them to OUTPUT/errors.jsonl and go on")
+    em.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    em.add_argument("--threads", type=int, help="torch / ONNX Runtime threads per replica")
+    em.add_argument("--replicas", type=int, help="Ray: model replicas (default one per GPU, or per --cpus-per-replica cores)")
+    em.add_argument("--cpus-per-replica", type=int, help="Ray without GPUs: cores per replica (default up to 4)")
+    em.set_defaults(func=cmd_embed)
+
+    ft = sub.add_parser("finetune", help="fine-tune on (query, positive[, negatives]) pairs: InfoNCE, Matryoshka, hard negatives, MoE balance")
+    ft.add_argument("model", help="model folder (our layout or published) or Hub repo id")
+    ft.add_argument("train", help="JSON lines or parquet with query, positive and optionally negatives (a list)")
+    ft.add_argument("out", help="output model folder (our layout; nomic-moe release accepts it)")
+    ft.add_argument("--eval", help="held-out pairs, same format (default: a 10%% slice of TRAIN, at most 1000 rows)")
+    ft.add_argument("--epochs", type=float, default=1.0)
+    ft.add_argument("--batch-size", type=int, default=32, help="in-batch negatives grow with it (the paper: 256)")
+    ft.add_argument("--lr", type=float, default=2e-5)
+    ft.add_argument("--matryoshka", metavar="DIMS", help="comma list (default 768,256)")
+    ft.add_argument("--hard-negatives", type=int, default=0, metavar="K", help="mine K hard negatives per query with the model")
+    ft.add_argument("--aux-loss-coef", type=float, default=0.0, help="load-balancing loss weight (default 0, as the paper fine-tunes)")
+    ft.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ft.add_argument("--max-steps", type=int)
+    ft.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint (OUT.training/)")
+    ft.add_argument("--cached-batch", type=int, metavar="N", help="GradCache: large batches in mini-batches of N")
+    ft.add_argument("--gradient-checkpointing", action="store_true")
+    ft.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (what --resume continues from)")
+    ft.add_argument("--logging-steps", type=int, default=10)
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    ft.add_argument("--force", action="store_true", help="replace OUT")
+    ft.set_defaults(func=cmd_finetune)
 
     dr = sub.add_parser("doctor", help="what will run here (attention kernel, expert backend) and why")
     dr.add_argument("--capability", metavar="MAJOR.MINOR", help="simulate a CUDA GPU (7.5 T4, 8.0 A100, 8.9 L4, 9.0 H100)")
