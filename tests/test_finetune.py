@@ -1,7 +1,6 @@
 """`nomic-moe finetune`: a task the model cannot solve before training, solved after; the balance effect; resume; refusals."""
 
 import json
-import os
 import random
 import signal
 import subprocess
