@@ -9,6 +9,7 @@ from typing import Optional
 
 TEMPLATE = Path(__file__).with_name("template.md")
 SPEED_START, SPEED_END = "<!-- card:speed:start -->", "<!-- card:speed:end -->"
+PARITY_START, PARITY_END = "<!-- card:parity:start -->", "<!-- card:parity:end -->"
 LANGUAGES = [
     "multilingual", "en", "es", "fr", "de", "it", "pt", "nl", "pl", "ru", "uk", "cs", "sv", "da", "no", "fi",
     "tr", "ar", "fa", "he", "hi", "bn", "ur", "ta", "te", "mr", "zh", "ja", "ko", "vi", "th", "id", "ms",
@@ -46,14 +47,22 @@ def count_parameters(model_dir: Path):
     return total, total - int(round(experts * idle_fraction))
 
 
-def speed_section(results_md: Optional[Path]) -> str:
+def results_section(results_md: Optional[Path], start: str, end: str, missing: str) -> str:
+    """The part of benchmarks/RESULTS.md between two markers: the card quotes measurements, never writes its own."""
     if results_md is None or not results_md.exists():
-        return "No speed measurements were recorded with this release."
-    text = results_md.read_text()
-    m = re.search(re.escape(SPEED_START) + r"(.*?)" + re.escape(SPEED_END), text, re.S)
+        return missing
+    m = re.search(re.escape(start) + r"(.*?)" + re.escape(end), results_md.read_text(), re.S)
     if not m:
-        return "No speed measurements were recorded with this release."
+        return missing
     return m.group(1).strip() + "\n\nFull tables, machines and dates: `benchmarks/RESULTS.md` in the source repository."
+
+
+def speed_section(results_md: Optional[Path]) -> str:
+    return results_section(results_md, SPEED_START, SPEED_END, "No speed measurements were recorded with this release.")
+
+
+def parity_section(results_md: Optional[Path]) -> str:
+    return results_section(results_md, PARITY_START, PARITY_END, "No cross-engine measurements were recorded with this release.")
 
 
 def result_word(row: dict) -> str:
@@ -167,6 +176,7 @@ def render_card(model_dir, verification: dict, repo_id: str, results_md=None, sy
         left_out=left_out_note(verification),
         serving=serving_section(repo_id, layout, revisions or {layout: "main"}),
         speed=speed_section(Path(results_md) if results_md else None),
+        parity=parity_section(Path(results_md) if results_md else None),
         date=datetime.date.today().isoformat(),
     )
     return Template(TEMPLATE.read_text()).substitute(values)

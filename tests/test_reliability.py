@@ -215,6 +215,11 @@ def test_cli_refusals_say_what_to_do(ckpts, tmp_path):
         ("upcycle", str(ckpts.source(**SHAPE)), str(tmp_path / "u")),
         ("release", str(ckpts.source(**SHAPE)), str(tmp_path / "exists")),
         ("release", str(ckpts.source(**SHAPE)), str(tmp_path / "r"), "--layout", "both", "--published-revision", "main"),
+        ("embed", model, str(tmp_path / "no-such-corpus.jsonl"), str(tmp_path / "e")),
+        ("embed", model, str(tmp_path / "exists"), str(tmp_path / "e"), "--dim", "0"),
+        ("finetune", model, str(tmp_path / "no-such-train.jsonl"), str(tmp_path / "f")),
+        ("finetune", str(tmp_path / "exists"), str(tmp_path / "no-such-train.jsonl"), str(tmp_path / "f")),
+        ("doctor", "--capability", "99"),
     ]
     for args in cases:
         r = _cli(*args)
