@@ -171,7 +171,7 @@ def cmd_finetune(a):
     from nomic_moe_training.finetune import finetune
 
     finetune(a.model, a.train, a.out, eval_file=a.eval, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, matryoshka=a.matryoshka,
-             hard_negatives=a.hard_negatives, aux_loss_coef=a.aux_loss_coef, bf16=a.bf16, max_steps=a.max_steps, resume=a.resume,
+             hard_negatives=a.hard_negatives, hard_negative_margin=a.hard_negative_margin, aux_loss_coef=a.aux_loss_coef, bf16=a.bf16, max_steps=a.max_steps, resume=a.resume,
              cached_batch=a.cached_batch, gradient_checkpointing=a.gradient_checkpointing, save_steps=a.save_steps,
              logging_steps=a.logging_steps, seed=a.seed, device=a.device, force=a.force)
 
@@ -318,6 +318,8 @@ def build_parser():
     ft.add_argument("--lr", type=float, default=2e-5)
     ft.add_argument("--matryoshka", metavar="DIMS", help="comma list (default 768,256)")
     ft.add_argument("--hard-negatives", type=int, default=0, metavar="K", help="mine K hard negatives per query with the model")
+    ft.add_argument("--hard-negative-margin", type=float, default=0.05, metavar="M",
+                    help="pass over candidates scoring above (1 - M) x the positive's score: likely false negatives (0: none)")
     ft.add_argument("--aux-loss-coef", type=float, default=0.0, help="load-balancing loss weight (default 0, as the paper fine-tunes)")
     ft.add_argument("--bf16", action="store_true", help="bf16 autocast")
     ft.add_argument("--max-steps", type=int)

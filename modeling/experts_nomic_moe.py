@@ -60,8 +60,9 @@ def combine(y_sorted, routing, n_tokens):
     Unsorting into (token, slot) order and summing over slots is deterministic (no atomics) and adds
     the slots in the same order as the reference.
     """
-    y = torch.empty_like(y_sorted)
-    y[routing.order] = y_sorted * routing.sorted_weights()[:, None]
+    weighted = y_sorted * routing.sorted_weights()[:, None]  # under autocast: bf16 GEMM output x fp32 weights -> fp32
+    y = torch.empty_like(weighted)
+    y[routing.order] = weighted
     return y.view(n_tokens, routing.top_k, y.shape[-1]).sum(1)
 
 

@@ -107,9 +107,15 @@ def test_matryoshka_dim_and_query_prompt(corpus, model, tmp_path):
     assert np.abs(np.array([got[i] for i in some]) - ref).max() <= 1e-5
 
 
+def _default_sigint():
+    # a shell without job control starts background jobs with SIGINT ignored, and children inherit that;
+    # Ctrl-C must reach the job as it does in a terminal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "nomic_moe_cli", "embed", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)
+                            text=True, preexec_fn=_default_sigint, **kw)
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
@@ -217,3 +223,16 @@ def test_a_second_job_on_the_same_output_is_refused(model, corpus, tmp_path):
     proc.wait(300)
     assert r.returncode == 2 and "another embed job is writing" in r.stderr
     assert proc.returncode == 0
+
+
+def test_onnx_runtime_engine_matches_pytorch(released_both, tmp_path):
+    """--onnx: the same job through ONNX Runtime (onnx/model.onnx, exact fp32 graph)."""
+    pytest.importorskip("onnxruntime")
+    model = str(released_both["main"])
+    folder = tmp_path / "in"
+    write_corpus(folder, 60, 20, 20)
+    embed_corpus(model, str(folder), str(tmp_path / "torch"))
+    manifest = embed_corpus(model, str(folder), str(tmp_path / "onnx"), onnx="model.onnx")
+    assert manifest["settings"]["onnx"] == "onnx/model.onnx" and manifest["settings"]["dtype"] == "onnx"
+    a, b = read_output(tmp_path / "torch"), read_output(tmp_path / "onnx")
+    assert a.keys() == b.keys() and max(np.abs(np.array(a[k]) - np.array(b[k])).max() for k in a) <= 1e-4

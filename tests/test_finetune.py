@@ -99,12 +99,16 @@ def test_load_balancing_loss_evens_out_the_experts(ckpts, task, tmp_path, traine
     assert with_aux["after"]["64"]["recall@1"] >= 0.5  # balancing does not stop it from learning
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # background jobs of a shell without job control start with SIGINT ignored
+
+
 def test_interrupted_run_continues_with_resume(ckpts, task, tmp_path):
     out = tmp_path / "m"
     args = [sys.executable, "-m", "nomic_moe_cli", "finetune", str(ckpts.converted(**SHAPE)), str(task[0]), str(out), "--eval",
             str(task[1]), "--batch-size", "16", "--lr", "2e-3", "--max-steps", "120", "--save-steps", "10", "--logging-steps", "5",
             "--matryoshka", "64,32"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     workdir = out.with_name("m.training")
     deadline = time.time() + 300
     while not (workdir / "checkpoint-10" / "trainer_state.json").exists():
@@ -146,3 +150,23 @@ def test_bad_input_is_refused_before_training(ckpts, tmp_path):
     good.write_text(json.dumps({"query": "a", "positive": "b"}) + "\n")
     with pytest.raises(UserError, match="not a Nomic Embed v2 MoE model"):
         finetune(str(tmp_path / "notmodel"), str(good), str(tmp_path / "o"))
+
+
+def test_hard_negatives_bf16_and_gradient_checkpointing(ckpts, task, tmp_path):
+    """The other switches of the recipe run: mined hard negatives, bf16 autocast, gradient checkpointing, GradCache."""
+    report = finetune(str(ckpts.converted(**SHAPE)), str(task[0]), str(tmp_path / "hn"), eval_file=str(task[1]),
+                      hard_negatives=2, hard_negative_margin=0, bf16=True, gradient_checkpointing=True, max_steps=6, batch_size=4, lr=1e-3,
+                      matryoshka="64", logging_steps=3, save_steps=1000)
+    assert report["steps"] == 6 and report["args"]["hard_negatives"] == 2 and report["pairs"] > 0
+    report = finetune(str(ckpts.converted(**SHAPE)), str(task[0]), str(tmp_path / "cached"), eval_file=str(task[1]),
+                      cached_batch=4, max_steps=4, batch_size=16, lr=1e-3, matryoshka="64,32", logging_steps=2, save_steps=1000)
+    assert report["steps"] == 4
+    with pytest.raises(UserError, match="cached"):
+        finetune(str(ckpts.converted(**SHAPE)), str(task[0]), str(tmp_path / "x"), eval_file=str(task[1]), cached_batch=4,
+                 aux_loss_coef=1.0)
+    with pytest.raises(UserError, match="ran no step"):  # 16 rows x 3 documents cannot be distinct among 16 documents
+        finetune(str(ckpts.converted(**SHAPE)), str(task[0]), str(tmp_path / "z"), eval_file=str(task[1]), hard_negatives=2,
+                 hard_negative_margin=0, max_steps=2, batch_size=16)
+    assert not (tmp_path / "z").exists()
+    with pytest.raises(UserError, match="hard negatives"):  # an untrained model scores every document alike: the margin leaves none
+        finetune(str(ckpts.converted(**SHAPE)), str(task[0]), str(tmp_path / "y"), eval_file=str(task[1]), hard_negatives=2, max_steps=2)

@@ -105,6 +105,7 @@ def _checkpoint(workdir: Path) -> Optional[Path]:
 def finetune(model: str, train: str, out: str, *, eval_file: Optional[str] = None, epochs: float = 1.0, batch_size: int = 32,
              lr: float = 2e-5, matryoshka: Optional[str] = None, hard_negatives: int = 0, aux_loss_coef: float = FINETUNE_AUX_COEF,
              bf16: bool = False, max_steps: Optional[int] = None, resume: bool = False, cached_batch: Optional[int] = None,
+             hard_negative_margin: float = 0.05,
              gradient_checkpointing: bool = False, save_steps: int = 500, logging_steps: int = 10, seed: int = 0,
              device: Optional[str] = None, force: bool = False) -> dict:
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments, losses
@@ -119,7 +120,9 @@ def finetune(model: str, train: str, out: str, *, eval_file: Optional[str] = Non
     out_dir = check_out_dir(out, force)
     workdir = out_dir.with_name(out_dir.name + ".training")
     if workdir.exists() and not resume:
-        raise UserError(f"{workdir} holds an earlier run's checkpoints", "pass --resume to continue it, or delete the folder")
+        if any(workdir.glob("checkpoint-*")):
+            raise UserError(f"{workdir} holds an earlier run's checkpoints", "pass --resume to continue it, or delete the folder")
+        shutil.rmtree(workdir)  # an earlier run that stopped before its first checkpoint: nothing to continue
     if resume and not (workdir.exists() and _checkpoint(workdir)):
         raise UserError(f"--resume: no checkpoint in {workdir}", "start without --resume")
     if batch_size < 2:
@@ -163,7 +166,9 @@ def finetune(model: str, train: str, out: str, *, eval_file: Optional[str] = Non
             log("--hard-negatives: the negatives given in TRAIN are replaced by mined ones")
         log(f"mining {hard_negatives} hard negatives per query with the model itself")
         train_ds = mine_hard_negatives(train_ds, st, anchor_column_name="query", positive_column_name="positive",
-                                       num_negatives=hard_negatives, range_min=0, relative_margin=0.05, sampling_strategy="top",
+                                       num_negatives=hard_negatives, range_min=0, range_max=max(4 * hard_negatives, 30),
+                                       # a candidate scoring within the margin of the positive is likely a false negative
+                                       relative_margin=hard_negative_margin or None, sampling_strategy="top",
                                        query_prompt_name="query", corpus_prompt_name="document", output_format="n-tuple",
                                        batch_size=batch_size, verbose=False)
         if len(train_ds) == 0:
@@ -181,7 +186,7 @@ def finetune(model: str, train: str, out: str, *, eval_file: Optional[str] = Non
 
     args = SentenceTransformerTrainingArguments(
         output_dir=str(workdir), num_train_epochs=epochs, max_steps=max_steps or -1, per_device_train_batch_size=batch_size,
-        learning_rate=lr, warmup_ratio=0.1, bf16=bf16, use_cpu=(device == "cpu"), logging_steps=logging_steps,
+        learning_rate=lr, warmup_ratio=0.1, bf16=bf16, use_cpu=device == "cpu" or not torch.cuda.is_available(), logging_steps=logging_steps,
         save_strategy="steps", save_steps=save_steps, save_total_limit=2, eval_strategy="no", report_to="none", seed=seed,
         batch_sampler=BatchSamplers.NO_DUPLICATES, prompts=column_prompts, dataloader_drop_last=len(train_ds) >= 2 * batch_size,
         disable_tqdm=False,
@@ -193,6 +198,9 @@ def finetune(model: str, train: str, out: str, *, eval_file: Optional[str] = Non
         f"aux loss coef {aux_loss_coef}, {'bf16' if bf16 else 'fp32'}" + (f"; resuming from {checkpoint.name}" if checkpoint else ""))
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     stats.remove(auto_model)
+    if result.global_step == 0:
+        raise UserError("training ran no step: no batch could be formed without repeating a text (in-batch negatives "
+                        "must be negatives), or the data is smaller than one batch", "lower --batch-size, or add more distinct texts")
 
     after = evaluate(st, eval_pairs, dims, "after")
     load_after = measure_load(st, load_texts)
