@@ -5,7 +5,7 @@
 A random checkpoint at the real size (vocabulary cut to 512 rows: speed does not depend on it),
 converted to our layout; a corpus of --texts texts whose token counts follow `nomic-moe bench`'s
 mixed-length workload (log-normal, median ~100, max 512), in JSON lines. Paths, each timed on the
-same texts with the same --batch-tokens batches (worker.token_batches):
+same texts with the same --batch-tokens batches (batching.token_batches):
 
   loop      tokenise, then the model on each batch in a Python loop: no reading, no writing
             (run before and after each job: this VM's speed drifts; the best loop is the baseline)
@@ -64,7 +64,7 @@ def main():
     from nomic_moe_conversion.convert import convert
     from nomic_moe_conversion.synthetic import make_published_checkpoint, real_size_shape
     from nomic_moe_inference.corpus.job import embed_corpus
-    from nomic_moe_inference.corpus.worker import token_batches
+    from nomic_moe_inference.batching import pad_batch, token_batches
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="nomic-moe-embed-bench-"))
     model_dir = work / "model"
@@ -89,14 +89,9 @@ def main():
         t0 = time.time()
         with torch.inference_mode():
             for lo in range(0, len(ids), part_rows):
-                part = lengths[lo : lo + part_rows]
-                for batch in token_batches(part, a.batch_tokens):
-                    width = max(part[i] for i in batch)
-                    t = torch.ones(len(batch), width, dtype=torch.long)
-                    m = torch.zeros_like(t)
-                    for r, i in enumerate(batch):
-                        t[r, : part[i]] = torch.tensor(ids[lo + i])
-                        m[r, : part[i]] = 1
+                part = ids[lo : lo + part_rows]
+                for batch in token_batches([len(x) for x in part], a.batch_tokens):
+                    t, m = (torch.from_numpy(a_) for a_ in pad_batch(part, batch))
                     model(input_ids=t, attention_mask=m, return_sentence_embedding=True)
         seconds = time.time() - t0
         return ("model in a loop (same batches, no I/O)", seconds, n_tokens / seconds, n_tokens / seconds, n_tokens / seconds)

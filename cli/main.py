@@ -386,7 +386,7 @@ def main(argv=None):
     except Exception as e:  # noqa: BLE001 - the last resort: say it is ours and how to report it
         report_bug(e)
         return EXIT_BUG
-    return code if isinstance(code, int) else 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -248,13 +248,6 @@ def push(folder: Path, repo_id: str, token: str, private: bool = False, revision
     return getattr(commit, "commit_url", str(commit))
 
 
-def _engine_revisions(repo_id: str, layout_name: str, revision: str) -> dict:
-    """Which Hub revision each kind of user should name (the card's serving section)."""
-    if layout_name == "both":
-        return {"ours": "main", "published": revision}
-    return {layout_name: "main"}
-
-
 def _finish_folder(folder: Path, report: dict, left_out: list, repo_id: str, results_md, synthetic: bool,
                    layout_name: str, revisions: dict) -> None:
     from nomic_moe_card.render import render_card
@@ -296,12 +289,14 @@ def release(src: str, out: str, *, repo_id: str = "nomic-ai/nomic-embed-text-v2-
     repo_id = push_to or repo_id
     token = push_token() if push_to and not dry_run else None
     _, kw, weights = load_checked(src_dir)  # read once: converted here and the reference below
-    revisions = _engine_revisions(repo_id, layout_name, published_revision)
-    first = "published" if layout_name == "published" else "ours"
+    # Hub revision -> the layout it carries; one folder each (OUT itself when there is one)
+    layouts = {"main": "ours", published_revision: "published"} if layout_name == "both" else {"main": layout_name}
+    revisions = {which: rev for rev, which in layouts.items()}  # what the cards tell each kind of user
+    place = (lambda root, rev: root / rev) if layout_name == "both" else (lambda root, rev: root)
     with publishing(out_dir, force) as tmp:
-        main = tmp / "main" if layout_name == "both" else tmp
+        main = place(tmp, "main")
         main.mkdir(exist_ok=True)
-        build_verified(main, kw, weights, weights, src_dir, layout_name=first)
+        build_verified(main, kw, weights, weights, src_dir, layout_name=layouts["main"])
         onnx_report = export_onnx(main, exporter=exporter, strict=strict)
         left_out = list(onnx_report["left_out"])
         log("[release] verifying every loading path against the reference")
@@ -315,7 +310,7 @@ def release(src: str, out: str, *, repo_id: str = "nomic-ai/nomic-embed-text-v2-
             left_out.append({"file": row["file"], "measured": f"min cosine {row['min_cosine']:.6f}", "bound": row["bound"],
                              "stage": "release verification"})
         if layout_name == "both":
-            pub = tmp / published_revision
+            pub = place(tmp, published_revision)
             _link_tree(main, pub)
             (pub / "config.json").unlink()  # a link to main's: write a new file, not through the link
             (pub / "config.json").write_text(json.dumps(config_dict(kw, next(iter(weights.values())).dtype, "published"),
@@ -326,14 +321,12 @@ def release(src: str, out: str, *, repo_id: str = "nomic-ai/nomic-embed-text-v2-
         if not report["ok"]:
             (main / "verification.json").write_text(json.dumps(report, indent=2))
             raise UserError("release verification failed (see the table)", "nothing was written; fix the failing path first")
-        folders = {"main": main} if layout_name != "both" else {"main": main, published_revision: tmp / published_revision}
-        for rev, folder in folders.items():
-            which = layout_name if layout_name != "both" else ("ours" if rev == "main" else "published")
-            _finish_folder(folder, report, left_out, repo_id, results_md, synthetic, which, revisions)
-    folders = {"main": out_dir} if layout_name != "both" else {"main": out_dir / "main", published_revision: out_dir / published_revision}
+        for rev, which in layouts.items():
+            _finish_folder(place(tmp, rev), report, left_out, repo_id, results_md, synthetic, which, revisions)
+    folders = {rev: place(out_dir, rev) for rev in layouts}
     result = ReleaseResult(folders, layout_name, left_out)
-    total = sum(s for folder in folders.values() for _, s in listing(folder))
-    log(f"[release] {out_dir}: {sum(len(listing(f)) for f in folders.values())} files, {total / 2**20:.0f} MiB, in {time.time() - t0:.0f}s")
+    files = [f for folder in folders.values() for f in listing(folder)]
+    log(f"[release] {out_dir}: {len(files)} files, {sum(size for _, size in files) / 2**20:.0f} MiB, in {time.time() - t0:.0f}s")
     for rev, folder in folders.items():
         if dry_run:
             print(f"would upload to {repo_id} (revision {rev}):")

@@ -82,6 +82,12 @@ def read_json(path, what: str = "JSON file", required: Iterable[str] = ()) -> di
     return data
 
 
+def prompts(folder) -> dict:
+    """The prompts of a model folder's config_sentence_transformers.json, or {} where it has none."""
+    path = Path(folder) / "config_sentence_transformers.json"
+    return read_json(path, "sentence-transformers config").get("prompts", {}) if path.exists() else {}
+
+
 MODEL_TYPES = ("nomic_moe", "nomic_bert")
 
 

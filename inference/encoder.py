@@ -1,6 +1,5 @@
 """Sentence embeddings from a converted folder with plain transformers: prompts, pooling, Matryoshka."""
 
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -13,11 +12,6 @@ from nomic_moe_files.errors import UserError
 
 from .batching import MAX_SEQ_LENGTH, length_batches
 
-
-
-def load_prompts(model_dir: Path) -> dict:
-    path = Path(model_dir) / "config_sentence_transformers.json"
-    return json.loads(path.read_text()).get("prompts", {}) if path.exists() else {}
 
 
 def finish(embeddings: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
@@ -40,7 +34,7 @@ class Encoder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
         self.model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True, dtype=dtype).to(device).eval()
         self.device = device
-        self.prompts = load_prompts(self.model_dir)
+        self.prompts = checks.prompts(self.model_dir)
 
     def prompt_text(self, prompt: Optional[str]) -> str:
         if prompt is None:

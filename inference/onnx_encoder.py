@@ -4,7 +4,6 @@ Needs only onnxruntime (or onnxruntime-gpu), tokenizers and numpy. The provider 
 explicitly, and asking for CUDA when ONNX Runtime cannot run it is an error, not a silent CPU run.
 """
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,7 +12,7 @@ import numpy as np
 from nomic_moe_files import checks
 from nomic_moe_files.errors import UserError
 
-from .batching import MAX_SEQ_LENGTH, length_batches
+from .batching import MAX_SEQ_LENGTH, length_batches, pad_batch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -85,9 +84,7 @@ class OnnxEncoder:
         checks.model_folder(model_dir, need_weights=False)
         self.session = session(path, provider, threads)
         self.tokenizer = load_tokenizer(model_dir)
-        st = model_dir / "config_sentence_transformers.json"
-        self.prompts = json.loads(st.read_text()).get("prompts", {}) if st.exists() else {}
-
+        self.prompts = checks.prompts(model_dir)
 
     def encode(self, texts: List[str], prompt: Optional[str] = None, dim: Optional[int] = None, batch_size: int = 32) -> np.ndarray:
         if prompt is not None and prompt not in self.prompts:
@@ -98,13 +95,7 @@ class OnnxEncoder:
         encs = self.tokenizer([prefix + t for t in texts]) if texts else []
         out = None
         for idx in length_batches([len(e) for e in encs], batch_size):
-            width = max(len(encs[i]) for i in idx)
-            ids = np.full((len(idx), width), 1, dtype=np.int64)
-            mask = np.zeros((len(idx), width), dtype=np.int64)
-            for row, i in enumerate(idx):
-                n = len(encs[i])
-                ids[row, :n] = encs[i]
-                mask[row, :n] = 1
+            ids, mask = pad_batch(encs, idx)
             emb = sentence_embeddings(self.session, ids, mask).astype(np.float32)
             if out is None:
                 out = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)

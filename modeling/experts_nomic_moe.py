@@ -264,8 +264,7 @@ class Target:
 
     @classmethod
     def of(cls, device, dtype: torch.dtype) -> "Target":
-        device = torch.device(device)
-        return cls(device.type, cuda_capability(device.index) if device.type == "cuda" else None, dtype)
+        return _target_of(torch.device(device), dtype)  # cached: every layer of every forward pass asks
 
     def __str__(self) -> str:
         cap = f" sm_{self.capability[0]}{self.capability[1]}" if self.capability else ""
@@ -275,6 +274,11 @@ class Target:
 @functools.lru_cache(maxsize=None)
 def cuda_capability(index=None) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _target_of(device: torch.device, dtype: torch.dtype) -> Target:
+    return Target(device.type, cuda_capability(device.index) if device.type == "cuda" else None, dtype)
 
 
 def triton_available() -> bool:
@@ -376,17 +380,28 @@ def auto_choice(target: Target, training: bool) -> str:
     return FLOOR
 
 
-def run_auto(x, routing, w1, w2, training: bool):
-    """(output, backend used): the first candidate that works; failures fall through to the floor."""
-    target = Target.of(x.device, x.dtype)
-    candidates = [n for n, _ in auto_candidates(target, training) if not is_broken(n, target)] or [FLOOR]
-    for i, name in enumerate(candidates):
-        if i == len(candidates) - 1:  # the last resort runs unguarded: its errors are real errors
-            return BACKENDS[name](x, routing, w1, w2), name
+def run_first(names: List[str], target: Target, call, what: str):
+    """(call(name), name) for the first of ``names`` that works on ``target``, fastest first.
+
+    Shared by the expert backends and the attention kernels. A candidate that raises is marked
+    broken (warned once) and the next one runs; the last one, the floor, runs unguarded: its
+    errors are real errors.
+    """
+    names = [n for n in names if not is_broken(n, target)] or names[-1:]
+    for i, name in enumerate(names):
+        if i == len(names) - 1:
+            return call(name), name
         try:
-            return BACKENDS[name](x, routing, w1, w2), name
+            return call(name), name
         except torch.cuda.OutOfMemoryError:
-            raise  # not a property of the path: every backend needs the memory
+            raise  # not a property of the path: every path needs the memory
         except Exception as e:  # noqa: BLE001 - compile, launcher, resources, architecture: fall back
-            mark_broken(name, target, e, candidates[i + 1])
+            mark_broken(name, target, e, names[i + 1], what)
     raise AssertionError("unreachable")
+
+
+def run_auto(x, routing, w1, w2, training: bool):
+    """(output, backend used): `auto`'s first candidate that works; failures fall through to the floor."""
+    target = Target.of(x.device, x.dtype)
+    names = [n for n, _ in auto_candidates(target, training)]
+    return run_first(names, target, lambda name: BACKENDS[name](x, routing, w1, w2), "expert kernel")

@@ -40,9 +40,8 @@ from .experts_nomic_moe import (
     Target,
     auto_choice,
     experts_graph,
-    is_broken,
-    mark_broken,
     run_auto,
+    run_first,
     why_unavailable,
 )
 
@@ -325,20 +324,9 @@ class NomicMoEAttention(nn.Module):
         """Softmax attention, the one step that needs the texts; a kernel that fails at first use falls back."""
         target = Target.of(q.device, q.dtype)
         plan = attention_candidates(target, self.head_dim, self.config._attn_implementation, packing.graph)
-        plan = [name for name, _ in plan if not is_broken(name, target)] or [plan[-1][0]]
-        for i, name in enumerate(plan):
-            if i == len(plan) - 1:
-                self.last_used = name
-                return ATTENTION_KERNELS[name](q, k, v, packing)
-            try:
-                ctx = ATTENTION_KERNELS[name](q, k, v, packing)
-                self.last_used = name
-                return ctx
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as e:  # noqa: BLE001 - e.g. FlashAttention on an unsupported GPU: fall back
-                mark_broken(name, target, e, plan[i + 1], what="attention kernel")
-        raise AssertionError("unreachable")
+        ctx, self.last_used = run_first([name for name, _ in plan], target,
+                                        lambda name: ATTENTION_KERNELS[name](q, k, v, packing), "attention kernel")
+        return ctx
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,11 +41,11 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def evaluate(model, pairs, dims, name: str) -> dict:
-    """recall@1/10, MRR@10, nDCG@10 per Matryoshka dim on a retrieval task built from (query, positive) pairs."""
+def evaluate(model, task, dims, name: str) -> dict:
+    """recall@1/10, MRR@10, nDCG@10 per Matryoshka dim on a retrieval task (queries, corpus, relevant)."""
     from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
-    queries, corpus, relevant = data.retrieval_task(pairs)
+    queries, corpus, relevant = task
     out = {}
     for dim in dims:
         ev = InformationRetrievalEvaluator(queries, corpus, relevant, name=f"{name}_{dim}", truncate_dim=dim,
@@ -152,7 +152,7 @@ def finetune(model: str, train: str, out: str, *, eval_file: Optional[str] = Non
         raise UserError(f"{model_dir} defines no query/document prompts", "fine-tune a model folder written by nomic-moe convert")
     q_docs = data.retrieval_task(eval_pairs)
     load_texts = [prompts["query"] + q for q in q_docs[0].values()] + [prompts["document"] + d for d in q_docs[1].values()]
-    before = evaluate(st, eval_pairs, dims, "before")
+    before = evaluate(st, q_docs, dims, "before")
     load_before = measure_load(st, load_texts)
     print_metrics("before fine-tuning", before, len(q_docs[0]), len(q_docs[1]))
     log(f"  expert load % on the evaluation texts: {format_load(load_before)} (spread {load_spread(load_before):.3f})")
@@ -181,7 +181,7 @@ def finetune(model: str, train: str, out: str, *, eval_file: Optional[str] = Non
     else:
         contrastive = losses.MultipleNegativesRankingLoss(st, scale=scale)
     inner = losses.MatryoshkaLoss(st, contrastive, matryoshka_dims=dims) if len(dims) > 1 or dims[0] != hidden else contrastive
-    stats = RouterStats(auto_model, auto_model.config.num_experts_per_tok)
+    stats = RouterStats(auto_model)
     loss = MoEAuxLoss(st, inner, aux_loss_coef, stats)
 
     args = SentenceTransformerTrainingArguments(
@@ -202,15 +202,14 @@ def finetune(model: str, train: str, out: str, *, eval_file: Optional[str] = Non
         raise UserError("training ran no step: no batch could be formed without repeating a text (in-batch negatives "
                         "must be negatives), or the data is smaller than one batch", "lower --batch-size, or add more distinct texts")
 
-    after = evaluate(st, eval_pairs, dims, "after")
+    after = evaluate(st, q_docs, dims, "after")
     load_after = measure_load(st, load_texts)
     print_metrics("after fine-tuning", after, len(q_docs[0]), len(q_docs[1]))
     log(f"  expert load % on the evaluation texts: {format_load(load_after)} (spread {load_spread(load_after):.3f})")
 
     # -- OUT: our layout, verified, in place atomically ----------------------------------------
     _, kw, _ = load_checked(model_dir)
-    weights = {k: v.detach().to("cpu", torch.float32 if not bf16 else v.dtype).contiguous() for k, v in auto_model.state_dict().items()}
-    weights = {k: v.float() for k, v in weights.items()}
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in auto_model.state_dict().items()}
     write_verified(out_dir, kw, weights, weights, model_dir, force=force)
     report = {
         "model": str(model), "train": str(train), "eval": str(eval_file) if eval_file else "held out from TRAIN",

@@ -18,8 +18,7 @@ from torch import nn
 class RouterStats:
     """Hooks the MoE blocks; holds this step's aux losses and the expert counts since the last log."""
 
-    def __init__(self, auto_model, top_k: int):
-        self.top_k = top_k
+    def __init__(self, auto_model):
         self.num_experts = auto_model.config.num_experts
         self.balance = sys.modules[type(auto_model).__module__].load_balancing_loss  # the model's own definition
         self.step_aux: List[torch.Tensor] = []
@@ -121,7 +120,7 @@ class MoEAuxLoss(nn.Module):
 def measure_load(st_model, texts: List[str], batch_size: int = 64) -> Dict[int, List[float]]:
     """Expert shares per MoE layer over ``texts`` (with their prompts already applied), for before/after comparisons."""
     auto_model = st_model[0].auto_model
-    stats = RouterStats(auto_model, auto_model.config.num_experts_per_tok)
+    stats = RouterStats(auto_model)
     try:
         for i in range(0, len(texts), batch_size):
             batch = st_model.tokenizer(texts[i : i + batch_size], padding=True, truncation=True,

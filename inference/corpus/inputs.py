@@ -202,8 +202,9 @@ class FileScan:
     boundaries: List[Tuple[int, int, int]] = field(default_factory=list)  # per part: (first ordinal, byte offset, lines before)
 
 
-def scan(files: List[Path], text_col: str, id_col: str, part_size: int, progress=None) -> List[FileScan]:
-    """Every row of every file checked, and the files cut into parts of ``part_size`` rows.
+def scan(files: List[Path], text_col: str, id_col: str, part_size: int, progress=None) -> Tuple[List[FileScan], str]:
+    """Every row of every file checked, and the files cut into parts of ``part_size`` rows; with the
+    type of the good ids ("int" or "str", the output's id column).
 
     Runs before any work, so a bad row is named (or set aside) instead of lost.
     """
@@ -233,4 +234,4 @@ def scan(files: List[Path], text_col: str, id_col: str, part_size: int, progress
         out.append(fs)
     if len(id_types) > 1:
         raise UserError("ids mix strings and integers across the corpus", "make every id a string (or every id an integer)")
-    return out
+    return out, "int" if id_types == {int} else "str"

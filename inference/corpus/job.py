@@ -82,8 +82,7 @@ def settings_for(model: str, *, prompt, dim, dtype, onnx, text_column, id_column
 
     model_dir = resolve_source(model)
     cfg = checks.model_folder(model_dir)
-    prompts = checks.read_json(model_dir / "config_sentence_transformers.json", "sentence-transformers config").get("prompts", {}) \
-        if (model_dir / "config_sentence_transformers.json").exists() else {}
+    prompts = checks.prompts(model_dir)
     if prompt not in (None, "none") and prompt not in prompts:
         raise UserError(f"unknown prompt {prompt!r}", f"use one of: {', '.join(sorted(prompts))}, or none")
     hidden = cfg.get("hidden_size", cfg.get("n_embd"))
@@ -194,21 +193,18 @@ def _open_or_plan(out: Path, s: dict, files, part_rows: int, on_bad_rows: str, c
     log(f"checking {len(files)} input file(s) (every row, before any work)")
     bar = _progress(0, "checking rows")
     try:
-        scans = inputs.scan(files, s["text_column"], s["id_column"], part_rows, progress=bar.update)
+        scans, s["id_type"] = inputs.scan(files, s["text_column"], s["id_column"], part_rows, progress=bar.update)
+        n_bad = sum(len(fs.bad) for fs in scans)
+        if n_bad and on_bad_rows == "refuse":
+            raise UserError(f"nothing was embedded: {describe_bad(scans)}",
+                            f"fix those rows, or pass --on-bad-rows skip to write them to OUTPUT/{ERRORS} and embed the rest")
     except UserError:
-        if created:
+        if created:  # refused before any work: leave no trace of this run
             (out / ".lock").unlink(missing_ok=True)
             out.rmdir()
         raise
     finally:
         bar.close()
-    n_bad = sum(len(fs.bad) for fs in scans)
-    if n_bad and on_bad_rows == "refuse":
-        if created:
-            (out / ".lock").unlink(missing_ok=True)
-            out.rmdir()
-        raise UserError(f"nothing was embedded: {describe_bad(scans)}",
-                        f"fix those rows, or pass --on-bad-rows skip to write them to OUTPUT/{ERRORS} and embed the rest")
     if n_bad:
         errors_tmp = out / f".{ERRORS}.tmp"
         with open(errors_tmp, "w") as f:
@@ -217,16 +213,6 @@ def _open_or_plan(out: Path, s: dict, files, part_rows: int, on_bad_rows: str, c
                     f.write(json.dumps({"file": str(fs.path), "row": number, "id": rid, "problem": why}) + "\n")
         os.replace(errors_tmp, out / ERRORS)
         log(f"set aside {describe_bad(scans, 3)} -> {out / ERRORS}")
-    id_type = "str"
-    for fs in scans:  # the type of the first good id decides the column type (scan refused mixtures)
-        for row in inputs.rows(fs.path, s["text_column"], s["id_column"]):
-            if row.ordinal not in {b[0] for b in fs.bad}:
-                id_type = "int" if isinstance(row.id, int) else "str"
-                break
-        else:
-            continue
-        break
-    s["id_type"] = id_type
     manifest = {
         "format": FORMAT, "status": "running", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": {k: s[k] for k in (*IDENTITY, "id_type", "prefix")},

@@ -60,7 +60,6 @@ def run_on_ray(settings: dict, parts, on_done, replicas=None, cpus_per_replica=N
         gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
         if settings["device"] == "cuda" and gpus:
             size, need = replicas or gpus, {"num_gpus": 1, "num_cpus": 1}
-            settings = dict(settings)
         else:
             per = cpus_per_replica or min(cpus, 4)
             size = replicas or max(1, cpus // per)

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from nomic_moe_inference.batching import MAX_SEQ_LENGTH
+from nomic_moe_inference.batching import MAX_SEQ_LENGTH, pad_batch, token_batches
 
 from . import inputs
 
@@ -35,23 +35,6 @@ def part_is_done(out_dir: Path, part: dict) -> bool:
         return pq.ParquetFile(str(path)).metadata.num_rows == part["rows"]
     except Exception:  # noqa: BLE001 - unreadable: redo it
         return False
-
-
-def token_batches(lengths: List[int], batch_tokens: int) -> List[List[int]]:
-    """Indices grouped so each batch holds about batch_tokens real tokens, similar lengths together."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, current, tokens = [], [], 0
-    for i in order:
-        # bound the padded size too: the longest text of the batch comes first
-        width = lengths[current[0]] if current else lengths[i]
-        if current and (tokens + lengths[i] > batch_tokens or (len(current) + 1) * width > 2 * batch_tokens):
-            batches.append(current)
-            current, tokens = [], 0
-        current.append(i)
-        tokens += lengths[i]
-    if current:
-        batches.append(current)
-    return batches
 
 
 class PartEmbedder:
@@ -90,13 +73,7 @@ class PartEmbedder:
         dim = self.s["dim"]
         out: Optional[np.ndarray] = None
         for batch in token_batches(lengths, self.s["batch_tokens"]):
-            width = max(lengths[i] for i in batch)
-            tok = np.full((len(batch), width), self.tokenizer.pad_token_id, dtype=np.int64)
-            mask = np.zeros((len(batch), width), dtype=np.int64)
-            for r, i in enumerate(batch):
-                tok[r, : lengths[i]] = ids[i]
-                mask[r, : lengths[i]] = 1
-            emb = self._run(tok, mask)[:, :dim]
+            emb = self._run(*pad_batch(ids, batch, self.tokenizer.pad_token_id))[:, :dim]
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
             if out is None:
                 out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
