@@ -38,7 +38,7 @@ def _version(module: str) -> Optional[str]:
         return f"broken ({type(e).__name__})"
 
 
-def report(capability: Optional[str] = None, dtype: str = "bfloat16", compile: bool = False) -> dict:
+def report(capability: Optional[str] = None, dtype: str = "bfloat16", compile: bool = False, cpu: Optional[str] = None) -> dict:
     from nomic_moe_modeling.experts_nomic_moe import BACKENDS, Target, auto_candidates, is_broken, why_not_auto
     from nomic_moe_modeling.modeling_nomic_moe import attention_candidates, attention_packages
 
@@ -48,6 +48,10 @@ def report(capability: Optional[str] = None, dtype: str = "bfloat16", compile: b
         cap = parse_capability(capability)
         target = Target("cuda", cap, DTYPES[dtype])
         device = f"simulated CUDA device, compute capability {cap[0]}.{cap[1]} (sm_{cap[0]}{cap[1]})"
+    elif cpu is not None:
+        cap = None
+        target = Target("cpu", None, DTYPES[dtype])
+        device = f"simulated CPU with ISA {cpu}"
     elif torch.cuda.is_available():
         target = Target.of("cuda", DTYPES[dtype])
         cap = target.capability
@@ -71,7 +75,8 @@ def report(capability: Optional[str] = None, dtype: str = "bfloat16", compile: b
         "packages": {"torch": torch.__version__, "triton": _version("triton"), "flash_attn": _version("flash_attn"),
                      "torch_varlen_attention": attention_packages()["torch_varlen"],
                      "c_compiler": shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")},
-        "notes": notes(target, cap),
+        "cpu": cpu_report(cpu, dtype),
+        "notes": notes(target, cap) + (cpu_notes(cpu, dtype) if target.device == "cpu" else []),
     }
     if compile:
         from .kernel_compile import compile_in_subprocess
@@ -93,8 +98,36 @@ def notes(target, cap) -> list:
     return out
 
 
+def cpu_report(isa: Optional[str], dtype: str) -> dict:
+    """This CPU's (or the simulated ISA's) row of the CPU table: ISA, auto dtype, int8 kernel."""
+    from .cpu import describe
+
+    return describe(isa)
+
+
+def cpu_notes(isa: Optional[str], dtype: str) -> list:
+    from nomic_moe_modeling.cpu_nomic_moe import EMULATED_BF16_COST, bf16_native, why_no_int8
+
+    out = []
+    if dtype == "bfloat16" and not bf16_native(isa):
+        out.append(f"bf16 is emulated on this CPU (no AVX512_BF16, no AMX) and very slow: {EMULATED_BF16_COST}; "
+                   "use float32 (exact) or int8")
+    why = why_no_int8(isa)
+    if why:
+        out.append(why)
+    return out
+
+
 def print_report(r: dict) -> None:
     print(f"device     {r['device']}")
+    c = r["cpu"]
+    if c["simulated"]:
+        print(f"cpu        {c['isa']} (simulated; this machine: torch capability {c['torch_capability']})")
+    else:
+        flags = " ".join(f for f, on in c["flags"].items() if on)
+        print(f"cpu        {c['isa']} (torch capability {c['torch_capability']}; flags {flags})")
+    print(f"           auto dtype {c['dtype']} ({'native bf16' if c['bf16_native'] else 'bf16 not native: fp32 is the fast float'}), "
+          f"int8 kernel {c['int8_kernel'] or 'none'}: {c['int8_why']}")
     print(f"dtype      {r['dtype']}")
     print(f"attention  {r['attention']['kernel']}: {r['attention']['why']}")
     for c in r["attention"]["candidates"][1:]:

@@ -26,13 +26,25 @@ def finish(embeddings: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
 class Encoder:
     """Encodes texts the way the sentence-transformers files describe, without sentence-transformers."""
 
-    def __init__(self, model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model_dir, device: str = "cpu", dtype="float32"):
+        """``dtype``: a torch.dtype or a name: "float32" (exact, the default), "bfloat16", "float16",
+        "auto" (the fastest float the device computes natively, see nomic_moe_inference.cpu) or "int8"
+        (the CPU's int8 kernels through model.quantize_int8())."""
         from transformers import AutoModel, AutoTokenizer
 
+        from .cpu import resolve_dtype
+
         checks.model_folder(model_dir)  # one clear line for a broken file, before transformers reads it
+        resolved = resolve_dtype(dtype, device)
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
-        self.model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True, dtype=dtype).to(device).eval()
+        load_dtype = torch.float32 if resolved == "int8" else resolved
+        self.model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True, dtype=load_dtype).to(device).eval()
+        if resolved == "int8":
+            if not hasattr(self.model, "quantize_int8"):
+                raise UserError(f"the model code in {model_dir} predates int8 (no quantize_int8)", "convert the checkpoint again with this version")
+            self.model.quantize_int8()
+        self.dtype = resolved
         self.device = device
         self.prompts = checks.prompts(self.model_dir)
 

@@ -35,15 +35,19 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 from .configuration_nomic_moe import NomicBertConfig, NomicMoEConfig
+from .cpu_nomic_moe import int8_engine, warn_if_emulated_bf16, why_no_int8
 from .experts_nomic_moe import (
     BACKENDS,
     Target,
     auto_choice,
+    combine,
     experts_graph,
     run_auto,
     run_first,
     why_unavailable,
 )
+from .int8_nomic_moe import GROUPS as INT8_GROUPS
+from .int8_nomic_moe import Int8Experts, Int8Linear
 
 logger = logging.get_logger(__name__)
 
@@ -411,6 +415,8 @@ class NomicMoEExpertWeights(nn.Module):
 
     def per_expert(self):
         """(w1, w2) viewed [E, I, H]: expert e computes gelu(x @ w1[e].T) @ w2[e] (w2 is not transposed)."""
+        if self.w1 is None:
+            raise RuntimeError("the expert weights were replaced by int8 ones (quantize_int8); reload the model for float weights")
         return self.w1.view(self.shape), self.w2.view(self.shape)
 
 
@@ -421,8 +427,12 @@ class NomicMoEExperts(nn.Module):
         self.bias = nn.Parameter(torch.empty(config.hidden_size))  # shared by all experts, added once
         self.implementation = config.moe_implementation  # "auto" or a name in BACKENDS
         self.last_used = None
+        self.int8 = None  # Int8Experts after quantize_int8()
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if self.int8 is not None:
+            self.last_used = "int8"
+            return self.int8(x, routing, combine) + self.bias
         w1, w2 = self.mlp.per_expert()
         # the triton kernels have no backward: whenever autograd would record, a differentiable path runs
         training = torch.is_grad_enabled() and (x.requires_grad or self.mlp.w1.requires_grad)
@@ -453,6 +463,9 @@ class NomicMoESparseBlock(nn.Module):
         routing = self.router(x, sort=not packing.graph)
         if packing.graph:  # graph export: no host sync, no sort
             experts = self.experts
+            if experts.int8 is not None:
+                raise RuntimeError("an int8 model (quantize_int8) cannot be exported; export the float model "
+                                   "(nomic-moe export-onnx writes its own int8 graph)")
             return experts_graph(x, routing, *experts.mlp.per_expert()) + experts.bias, routing
         return self.experts(x, routing), routing
 
@@ -554,6 +567,59 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         chosen = auto_choice(Target.of(p.device, p.dtype), self.training) if name == "auto" else name
         logger.info(f"NomicMoE: MoE implementation {name!r} -> {chosen} on {p.device.type}/{str(p.dtype).replace('torch.', '')}")
 
+    @torch.no_grad()
+    def quantize_int8(self, groups=INT8_GROUPS, engine: Optional[str] = None) -> dict:
+        """int8 weights (one scale per output channel) and int8 activations, in place, on the CPU.
+
+        ``groups``: which matrices become int8, any of "experts" (every expert's two matrices),
+        "attention" (Wqkv, out_proj) and "mlp" (the dense layers' fc1, fc2). The router, the
+        LayerNorms, the embeddings and pooling stay fp32; the model is cast to fp32 first. The
+        kernel is torch's dynamic quantized linear on the CPU's best engine (oneDNN on AMX, FBGEMM
+        on AVX-512 and AVX2; ``engine`` overrides). Afterwards ``model(input_ids=..., attention_mask=...,
+        return_sentence_embedding=True)`` works as before. Inference only: the float weights of
+        those matrices are dropped, so reload the model to train, export or save it.
+        Refused, saying why, on a GPU or a CPU without an x86 int8 kernel.
+        """
+        groups = tuple(groups)
+        unknown = sorted(set(groups) - set(INT8_GROUPS))
+        if unknown:
+            raise ValueError(f"unknown int8 group(s) {unknown}; choose from {', '.join(INT8_GROUPS)}")
+        device = self.embeddings.word_embeddings.weight.device
+        if device.type != "cpu":
+            raise ValueError(f"int8 runs on the CPU's kernels (FBGEMM, oneDNN), not on {device}; on a GPU use bfloat16 or float16")
+        if engine is None:
+            why = why_no_int8()
+            if why:
+                raise RuntimeError(f"int8 cannot run here: {why}")
+            engine = int8_engine()
+        elif engine not in torch.backends.quantized.supported_engines:
+            raise ValueError(f"quantized engine {engine!r} is not in this torch ({', '.join(torch.backends.quantized.supported_engines)})")
+        self.float().eval().requires_grad_(False)
+        done = set(getattr(self, "int8_groups", ()))
+        for layer in self.encoder.layers:
+            if "attention" in groups and "attention" not in done:
+                layer.attn.Wqkv = Int8Linear.from_linear(layer.attn.Wqkv, engine)
+                layer.attn.out_proj = Int8Linear.from_linear(layer.attn.out_proj, engine)
+            if layer.is_moe and "experts" in groups and "experts" not in done:
+                ex = layer.mlp.experts
+                ex.int8 = Int8Experts(*ex.mlp.per_expert(), engine)
+                ex.mlp.w1 = ex.mlp.w2 = None  # the float copies go: int8 is also the memory option
+            if not layer.is_moe and "mlp" in groups and "mlp" not in done:
+                layer.mlp.fc1 = Int8Linear.from_linear(layer.mlp.fc1, engine)
+                layer.mlp.fc2 = Int8Linear.from_linear(layer.mlp.fc2, engine)
+        self.int8_groups = tuple(g for g in INT8_GROUPS if g in done or g in groups)
+        self.int8_engine = engine
+        int8_bytes = sum(m.weight_bytes() for m in self.modules() if isinstance(m, Int8Linear))
+        float_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
+        logger.info(f"NomicMoE: int8 {', '.join(self.int8_groups)} on {engine}: {int8_bytes / 2**20:.0f} MiB int8 + {float_bytes / 2**20:.0f} MiB float")
+        return {"engine": engine, "groups": list(self.int8_groups), "int8_mib": int8_bytes / 2**20, "float_mib": float_bytes / 2**20}
+
+    def save_pretrained(self, *args, **kwargs):
+        if getattr(self, "int8_groups", None):
+            raise ValueError("this model holds int8 matrices made in memory by quantize_int8(); save the float model "
+                             "and call quantize_int8() after loading it")
+        return super().save_pretrained(*args, **kwargs)
+
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
 
@@ -584,6 +650,8 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         ids = packing.pack(input_ids)  # [N]
         types = packing.pack(token_type_ids) if token_type_ids is not None else torch.zeros_like(ids)
         x = self.emb_ln(self.embeddings(ids, types))  # [N, H]
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            warn_if_emulated_bf16(x.dtype)  # once per process, on a CPU that emulates bf16
 
         hidden_states = (packing.unpack(x),) if output_hidden_states else None
         routings = []

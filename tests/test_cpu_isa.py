@@ -1,0 +1,106 @@
+"""The CPU table: ISA detection, what `auto` picks for each simulated ISA, the bf16 warning, doctor --cpu."""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import nomic_moe_modeling.cpu_nomic_moe as cpu_mod
+from nomic_moe_files.errors import UserError
+from nomic_moe_inference.cpu import describe, resolve_dtype, runnable_dtypes
+from nomic_moe_modeling.cpu_nomic_moe import classify, int8_engine, why_no_int8
+
+ALL_ENGINES = ["qnnpack", "onednn", "x86", "fbgemm"]
+
+# isa -> (auto dtype, bf16 native, int8 kernel)
+TABLE = {
+    "avx2": (torch.float32, False, "fbgemm"),
+    "avx512": (torch.float32, False, "fbgemm"),
+    "avx512_bf16": (torch.bfloat16, True, "fbgemm"),
+    "amx": (torch.bfloat16, True, "onednn"),
+}
+
+
+@pytest.mark.parametrize("isa", list(TABLE))
+def test_table_for_each_simulated_isa(isa):
+    dtype, native, kernel = TABLE[isa]
+    assert resolve_dtype("auto", "cpu", isa=isa) == dtype
+    assert resolve_dtype("fastest", "cpu", isa=isa) == dtype
+    assert resolve_dtype("float32", "cpu", isa=isa) == torch.float32  # the floor, everywhere
+    assert int8_engine(isa, ALL_ENGINES) == kernel
+    d = describe(isa)
+    assert (d["isa"], d["dtype"], d["bf16_native"], d["simulated"]) == (isa, str(dtype).replace("torch.", ""), native, True)
+    assert runnable_dtypes(isa)[0] == "float32" and ("bfloat16" in runnable_dtypes(isa)) == native
+
+
+@pytest.mark.parametrize("cap,flags,isa", [
+    ("AVX2", {"avx2", "fma"}, "avx2"),
+    ("AVX2", {"avx2", "avx_vnni"}, "avx2"),  # Alder Lake style: VNNI without AVX-512
+    ("AVX512", {"avx512f", "avx512_vnni"}, "avx512"),
+    ("AVX512", {"avx512f", "avx512_bf16", "avx512_vnni"}, "avx512_bf16"),  # Zen 4, Cooper Lake
+    ("AVX512", {"avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}, "amx"),  # Sapphire Rapids
+    ("AVX512", {"avx512f", "amx_tile"}, "avx512"),  # AMX tiles without the bf16 unit do not count
+    ("DEFAULT", {"asimd"}, None),  # ARM
+    ("NO AVX", set(), None),
+])
+def test_classify_from_capability_and_flags(cap, flags, isa):
+    assert classify(cap, frozenset(flags)) == isa
+
+
+def test_this_machine_is_classified():
+    d = describe()
+    assert d["simulated"] is False and d["torch_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert d["isa"] in (*TABLE, "none (no AVX2)")
+
+
+def test_bf16_warns_once_where_emulated(monkeypatch):
+    monkeypatch.setattr(cpu_mod, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match=r"588 ms against 4.8 ms"):
+        assert resolve_dtype("bfloat16", "cpu", isa="avx2") == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_dtype("bfloat16", "cpu", isa="avx2")  # once per process
+        resolve_dtype("bfloat16", "cpu", isa="amx")  # native: no warning
+        resolve_dtype("auto", "cpu", isa="avx2")  # auto never picks emulated bf16
+
+
+def test_model_warns_for_emulated_bf16(ckpts, monkeypatch):
+    from nomic_moe_modeling.modeling_nomic_moe import NomicMoEModel
+
+    monkeypatch.setattr(cpu_mod, "_WARNED", set())
+    monkeypatch.setattr(cpu_mod, "cpu_isa", lambda: "avx2")
+    model = NomicMoEModel.from_pretrained(ckpts.converted(num_experts=4, top_k=2, num_layers=2), dtype=torch.bfloat16).eval()
+    with pytest.warns(RuntimeWarning, match="emulated and very slow"), torch.no_grad():
+        model(input_ids=torch.randint(3, 400, (1, 8)))
+
+
+def test_int8_refused_where_no_kernel():
+    assert why_no_int8("amx", ["qnnpack"]) and "no x86 int8 kernel" in why_no_int8("amx", ["qnnpack"])
+    assert int8_engine("amx", ["fbgemm"]) == "fbgemm"  # the table's engine missing: another x86 one
+    with pytest.raises(UserError, match="not on cuda"):
+        resolve_dtype("int8", "cuda")
+    with pytest.raises(UserError, match="unknown dtype"):
+        resolve_dtype("int4", "cpu")
+    with pytest.raises(UserError, match="--cpu"):
+        resolve_dtype("auto", "cpu", isa="sse2")
+
+
+def test_int8_refused_on_a_cpu_without_avx2(monkeypatch):
+    monkeypatch.setattr(cpu_mod, "cpu_isa", lambda: None)
+    with pytest.raises(UserError, match="AVX2"):
+        resolve_dtype("int8", "cpu")
+    assert "int8" not in runnable_dtypes()
+
+
+def test_doctor_cpu_flag():
+    r = subprocess.run([sys.executable, "-m", "nomic_moe_cli", "doctor", "--cpu", "avx2", "--dtype", "bfloat16", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["cpu"]["isa"] == "avx2" and out["cpu"]["dtype"] == "float32" and out["cpu"]["int8_kernel"] == "fbgemm"
+    assert any("588 ms" in n for n in out["notes"])
+    r = subprocess.run([sys.executable, "-m", "nomic_moe_cli", "doctor", "--cpu", "amx"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "auto dtype bfloat16" in r.stdout and "int8 kernel onednn" in r.stdout
