@@ -35,7 +35,7 @@ def cmd_encode(a):
     else:
         from nomic_moe_inference.encoder import Encoder
 
-        enc = Encoder(resolve_model(a.model), device=a.device)
+        enc = Encoder(resolve_model(a.model), device=a.device, dtype=a.dtype)
         emb = enc.encode(a.texts, prompt=a.prompt, dim=a.dim)
     for text, e in zip(a.texts, emb):
         print(json.dumps({"text": text, "prompt": a.prompt, "dim": len(e), "embedding": [round(v, 6) for v in e.tolist()]}))
@@ -72,7 +72,12 @@ def cmd_bench(a):
     from nomic_moe_inference.bench import bench
 
     sort = {"arrival": (False,), "sorted": (True,), "both": (False, True)}[a.batching]
-    bench(device=a.device, dtypes=a.dtypes.split(","), n_texts=a.texts, batch_size=a.batch_size, threads=a.threads,
+    if a.latency:
+        from nomic_moe_inference.latency import latency_bench
+
+        return latency_bench(dtypes=a.dtypes.split(",") if a.dtypes else None, threads=a.threads or 2, repeats=a.latency_repeats,
+                             llama_cpp=a.llama_cpp, out=a.out, isa=a.cpu)
+    bench(device=a.device, dtypes=(a.dtypes or "float32,bfloat16").split(","), n_texts=a.texts, batch_size=a.batch_size, threads=a.threads,
           backends=a.backends.split(",") if a.backends else None, sorted_batches=sort, upstream=not a.no_upstream, out=a.out,
           repeats=a.repeats)
 
@@ -179,7 +184,7 @@ def cmd_finetune(a):
 def cmd_doctor(a):
     from nomic_moe_inference.doctor import print_report, report
 
-    r = report(a.capability, a.dtype, a.compile)
+    r = report(a.capability, a.dtype, a.compile, cpu=a.cpu)
     if a.json:
         print(json.dumps(r, indent=2))
     else:
@@ -209,6 +214,8 @@ def build_parser():
     e.add_argument("--prompt", help="prompt name: query, document, passage, classification, clustering, ...")
     e.add_argument("--dim", type=int, help="Matryoshka dimension (768 or 256), re-normalised")
     e.add_argument("--device", default="cpu", help="PyTorch device (cpu, cuda)")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto", "int8"], default="float32",
+                   help="float32 (exact, default); auto: the fastest float this device computes natively; int8: the CPU's int8 kernels")
     e.add_argument("--onnx", nargs="?", const="model.onnx", metavar="FILE",
                    help="run ONNX Runtime on onnx/FILE instead of PyTorch (default model.onnx)")
     e.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider, with --onnx")
@@ -222,7 +229,13 @@ def build_parser():
 
     b = sub.add_parser("bench", help="MoE speed: upstream-style path vs our backends vs the GEMM limit")
     b.add_argument("--device", default="cpu")
-    b.add_argument("--dtypes", default="float32,bfloat16")
+    b.add_argument("--dtypes", help="comma list (default float32,bfloat16; with --latency: every dtype this CPU runs, int8 always)")
+    b.add_argument("--dtype", dest="dtypes", help="one dtype (float32, bfloat16, float16, int8)")
+    b.add_argument("--latency", action="store_true",
+                   help="one-query latency: p50/p99 of 32- and 128-token queries per dtype against the floor measured in the same run")
+    b.add_argument("--latency-repeats", type=int, default=50, help="with --latency: timed queries per length and dtype")
+    b.add_argument("--llama-cpp", action="store_true", help="with --latency: also llama-embedding f32/f16/q8_0 (optional; builds llama.cpp, ~7 min)")
+    b.add_argument("--cpu", choices=["avx2", "avx512", "avx512_bf16", "amx"], help="with --latency: the dtypes of another ISA's row")
     b.add_argument("--texts", type=int, default=64, help="texts in the fixed workload")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--threads", type=int)
@@ -296,7 +309,8 @@ def build_parser():
     em.add_argument("--id-column", default="id")
     em.add_argument("--prompt", default="document", help="prompt name (default document; query for queries; none for no prompt)")
     em.add_argument("--dim", type=int, help="Matryoshka dimension (768 or 256), re-normalised")
-    em.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    em.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto", "int8"], default="float32",
+                    help="auto: the fastest float this device computes natively; int8: the CPU's int8 kernels (nomic-moe doctor)")
     em.add_argument("--onnx", metavar="FILE", help="run ONNX Runtime on onnx/FILE instead of PyTorch")
     em.add_argument("--batch-tokens", type=int, default=8192, help="real tokens per batch (default 8192)")
     em.add_argument("--part-rows", type=int, default=10000, help="rows per output part, the unit of resumption (default 10000)")
@@ -335,6 +349,7 @@ def build_parser():
 
     dr = sub.add_parser("doctor", help="what will run here (attention kernel, expert backend) and why")
     dr.add_argument("--capability", metavar="MAJOR.MINOR", help="simulate a CUDA GPU (7.5 T4, 8.0 A100, 8.9 L4, 9.0 H100)")
+    dr.add_argument("--cpu", choices=["avx2", "avx512", "avx512_bf16", "amx"], help="show another CPU's choices (its ISA)")
     dr.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="bfloat16")
     dr.add_argument("--compile", action="store_true", help="compile each Triton kernel for that architecture, here on the CPU")
     dr.add_argument("--json", action="store_true", help="one JSON object")

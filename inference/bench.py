@@ -245,6 +245,25 @@ def bench(device="cpu", dtypes=("float32", "bfloat16"), n_texts=64, batch_size=3
     rows, limits, cosines, extras = [], {}, {}, {}
     reference_emb = None
     for dname in dtypes:
+        if dname == "int8":  # a fresh fp32 model, its matrices made int8 (the float copies are dropped)
+            model = build_model(device)
+            model.quantize_int8()
+            dtype = torch.float32
+            limits[dname] = gemm_flops(device, dtype)
+            extras[dname] = {"query32_ms": query_latency(model, device), "moe_layer": moe_layer_vs_dense(model, device, dtype)}
+            for sort in sorted_batches:
+                batching = "sorted" if sort else "arrival"
+                inputs = [make_inputs(lengths, idx, cfg.vocab_size, device) for idx in length_batches(lengths, batch_size, sort)]
+                with torch.no_grad():
+                    row = min((run_path("ours/int8", lambda i, m: model(input_ids=i, attention_mask=m), inputs, n_tokens, device, dtype, batching)
+                               for _ in range(repeats)), key=lambda r: r.seconds)
+                row.dtype = "int8"
+                row.extra["fraction_of_limit"] = row.tokens_per_s * fpt / limits[dname]
+                row.extra["limit_gflops"] = limits[dname] / 1e9
+                rows.append(row)
+                if not sort and reference_emb is not None:
+                    cosines[dname] = float((embeddings(model, inputs) * reference_emb).sum(-1).min())
+            continue
         dtype = DTYPES[dname]
         model.to(dtype)
         limits[dname] = gemm_flops(device, dtype)

@@ -66,16 +66,25 @@ def combine(y_sorted, routing, n_tokens):
     return y.view(n_tokens, routing.top_k, y.shape[-1]).sum(1)
 
 
-def experts_sorted(x, routing, w1, w2):
+def experts_sorted(x, routing, w1, w2, w2_t=None):
+    """``w2_t``: optional [E, H, I] contiguous copy of w2 transposed (pack_w2), so that both products
+    take their weight as [out, in] rows, the layout oneDNN's bf16 GEMM wants: with w2 as stored, a bf16
+    product on a CPU without native bf16 was 17x slower (RESULTS.md, "CPU: per-call weight layout")."""
     xs = x[routing.sorted_tokens()]  # [N*k, H], grouped by expert
     bounds = routing.offsets.tolist()  # the one host sync of this path
     segments = []
     for e in range(w1.shape[0]):
         lo, hi = bounds[e], bounds[e + 1]
         if hi > lo:
-            segments.append(F.gelu(xs[lo:hi] @ w1[e].T) @ w2[e])
+            h = F.gelu(F.linear(xs[lo:hi], w1[e]))
+            segments.append(F.linear(h, w2_t[e]) if w2_t is not None else h @ w2[e])
     y = torch.cat(segments) if segments else xs.new_zeros(0, x.shape[1])
     return combine(y, routing, x.shape[0])
+
+
+def pack_w2(w2):
+    """[E, I, H] -> [E, H, I] contiguous: each expert's down matrix as [out, in] rows, made once."""
+    return w2.transpose(1, 2).contiguous()
 
 
 def _grouped_mm():

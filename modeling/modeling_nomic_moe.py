@@ -42,6 +42,8 @@ from .experts_nomic_moe import (
     auto_choice,
     combine,
     experts_graph,
+    experts_sorted,
+    pack_w2,
     run_auto,
     run_first,
     why_unavailable,
@@ -434,6 +436,10 @@ class NomicMoEExperts(nn.Module):
             self.last_used = "int8"
             return self.int8(x, routing, combine) + self.bias
         w1, w2 = self.mlp.per_expert()
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled() \
+                and self.implementation in ("auto", "sorted"):
+            self.last_used = "sorted"  # half precision on the CPU: w2 packed once as [out, in] rows
+            return experts_sorted(x, routing, w1, w2, self._packed_w2(w2)) + self.bias
         # the triton kernels have no backward: whenever autograd would record, a differentiable path runs
         training = torch.is_grad_enabled() and (x.requires_grad or self.mlp.w1.requires_grad)
         if self.implementation == "auto":
@@ -444,6 +450,13 @@ class NomicMoEExperts(nn.Module):
             raise RuntimeError(f"moe_implementation={self.implementation!r} cannot run here: {why}")
         self.last_used = self.implementation
         return BACKENDS[self.implementation](x, routing, w1, w2) + self.bias
+
+    def _packed_w2(self, w2):
+        """w2 transposed per expert, contiguous, made on first use and again only when w2 changes."""
+        key = (w2.data_ptr(), w2.dtype, self.mlp.w2._version)
+        if getattr(self, "_w2_key", None) != key:
+            self._w2_t, self._w2_key = pack_w2(w2), key
+        return self._w2_t
 
     def extra_repr(self) -> str:
         E, I, H = self.mlp.shape

@@ -88,8 +88,8 @@ def settings_for(model: str, *, prompt, dim, dtype, onnx, text_column, id_column
     hidden = cfg.get("hidden_size", cfg.get("n_embd"))
     if dim is not None and not 1 <= dim <= hidden:
         raise UserError(f"--dim {dim} is outside 1..{hidden}", "use 768 or 256 (the trained sizes)")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype {dtype}", "use float32, bfloat16 or float16")
+    if dtype not in ("float32", "bfloat16", "float16", "auto", "int8"):
+        raise UserError(f"--dtype {dtype}", "use float32, bfloat16, float16, auto or int8")
     if onnx:
         onnx = onnx if "/" in onnx else f"onnx/{onnx}"
         checks.onnx_file(model_dir / onnx)
@@ -97,6 +97,10 @@ def settings_for(model: str, *, prompt, dim, dtype, onnx, text_column, id_column
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available() and not onnx:
         raise UserError("--device cuda, but torch sees no CUDA device", "use --device cpu")
+    if not onnx:  # "auto" becomes the dtype it means here (the manifest records it); int8 refused where it cannot run
+        from nomic_moe_inference.cpu import dtype_name, resolve_dtype
+
+        dtype = dtype_name(resolve_dtype(dtype, device))
     if batch_tokens < 512:
         raise UserError(f"--batch-tokens {batch_tokens} is below one full text (512 tokens)", "use 8192 or more")
     return {

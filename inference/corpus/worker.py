@@ -63,8 +63,10 @@ class PartEmbedder:
             import torch
             from transformers import AutoModel
 
-            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[s["dtype"]]
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}[s["dtype"]]
             self.model = AutoModel.from_pretrained(s["model_dir"], trust_remote_code=True, dtype=dtype).to(s["device"]).eval()
+            if s["dtype"] == "int8":
+                self.model.quantize_int8()  # the CPU's int8 kernels (nomic_moe_modeling.int8_nomic_moe)
 
     def embed_texts(self, texts: List[str]):
         """(embeddings [n, dim] float32, real tokens, truncated texts)."""

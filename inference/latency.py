@@ -1,0 +1,201 @@
+"""`nomic-moe bench --latency`: one query's latency on this CPU, per dtype, against its floor.
+
+In one run, on the same CPU and threads:
+  - the CPU's ISA (nomic_moe_inference.cpu);
+  - p50 and p99 of a 32-token and a 128-token query, for each dtype this CPU runs (float32;
+    bfloat16 where native; int8 always, where a kernel exists);
+  - the floor of each: the larger of (a) the query's matmul FLOPs at the rate of a large dense
+    GEMM in that dtype (4096 x 768 @ 768 x 3072), and (b) reading every non-embedding weight once at
+    the memory bandwidth measured here (a sum over 1 GiB);
+  - optionally (--llama-cpp) llama.cpp's llama-embedding on the published layout's GGUF (f32, f16,
+    q8_0) on the same query lengths: the outside anchor (benchmarks/llama_cpp.py builds it).
+
+Random weights at the real size (speed does not depend on the values), built in memory.
+"""
+
+import copy
+import json
+import sys
+import time
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .bench import build_model, flops_per_token
+from .cpu import describe, runnable_dtypes
+
+LENGTHS = (32, 128)
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _best(fn, repeats=5):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_rate(dtype: str, M=4096, H=768, I=3072) -> float:
+    """FLOP/s of a large dense GEMM in ``dtype`` (int8: the dynamic quantized linear on the int8 kernel)."""
+    a = torch.randn(M, H)
+    w = torch.randn(I, H) * 0.02
+    if dtype == "int8":
+        from nomic_moe_modeling.cpu_nomic_moe import int8_engine
+        from nomic_moe_modeling.int8_nomic_moe import Int8Linear
+
+        lin = Int8Linear(w, None, int8_engine())
+        t = _best(lambda: lin(a))
+    else:
+        dt = getattr(torch, dtype)
+        a, w = a.to(dt), w.to(dt)
+        t = _best(lambda: F.linear(a, w))
+    return 2 * M * H * I / t
+
+
+def memory_bandwidth(gib: float = 1.0) -> float:
+    """Bytes/s read by a sum over a large fp32 tensor (every byte read once)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    t = _best(lambda: x.sum(), repeats=3)
+    del x
+    return gib * 2**30 / t
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every weight except the embedding table, as stored (int8 matrices at one byte)."""
+    from nomic_moe_modeling.int8_nomic_moe import Int8Linear
+
+    emb = {id(p) for p in model.embeddings.parameters()}
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in emb)
+    return total + sum(m.weight_bytes() for m in model.modules() if isinstance(m, Int8Linear))
+
+
+@torch.no_grad()
+def query_times(model, n: int, repeats: int, seed: int = 0) -> List[float]:
+    g = torch.Generator().manual_seed(seed + n)
+    ids = torch.randint(3, 1000, (1, n), generator=g)
+    ids[0, 0], ids[0, -1] = 0, 2
+    mask = torch.ones_like(ids)
+    for _ in range(3):
+        model(input_ids=ids, attention_mask=mask, return_sentence_embedding=True)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask, return_sentence_embedding=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def percentile(times, q: float) -> float:
+    s = sorted(times)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def models_for(dtypes):
+    base = build_model("cpu").eval()
+    for d in dtypes:
+        if d == "float32":
+            yield d, base
+        elif d == "int8":
+            m = copy.deepcopy(base)
+            m.quantize_int8()
+            yield d, m
+            del m
+        else:
+            yield d, copy.deepcopy(base).to(getattr(torch, d))
+
+
+def latency_bench(dtypes: Optional[List[str]] = None, threads: int = 2, repeats: int = 50, llama_cpp: bool = False,
+                  out: Optional[str] = None, isa: Optional[str] = None, lengths=LENGTHS) -> dict:
+    torch.set_num_threads(threads)
+    cpu = describe(isa)
+    dtypes = dtypes or runnable_dtypes(isa)
+    bandwidth = memory_bandwidth()
+    log(f"CPU {cpu['isa']} (torch {cpu['torch_capability']}), {threads} threads; auto dtype {cpu['dtype']}, int8 kernel "
+        f"{cpu['int8_kernel']}; memory read {bandwidth / 1e9:.1f} GB/s")
+    rows = []
+    for dname, model in models_for(dtypes):
+        rate = gemm_rate(dname)
+        wbytes = weight_bytes(model)
+        for n in lengths:
+            flops = flops_per_token(model.config, n) * n
+            floor = max(flops / rate, wbytes / bandwidth)
+            times = query_times(model, n, repeats)
+            row = {"engine": "pytorch", "dtype": dname, "tokens": n, "p50_ms": percentile(times, 0.5) * 1e3,
+                   "p99_ms": percentile(times, 0.99) * 1e3, "floor_ms": floor * 1e3, "gflop": flops / 1e9,
+                   "gemm_gflops": rate / 1e9, "weight_mib": wbytes / 2**20, "bound": "compute" if flops / rate >= wbytes / bandwidth else "memory"}
+            row["x_floor"] = row["p50_ms"] / row["floor_ms"]
+            rows.append(row)
+            log(f"  {dname:<9} {n:>4} tokens: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms; floor {row['floor_ms']:.1f} ms "
+                f"({row['bound']}: {flops / 1e9:.2f} GFLOP at {rate / 1e9:.0f} GFLOP/s, {wbytes / 2**20:.0f} MiB at {bandwidth / 1e9:.1f} GB/s) "
+                f"-> {row['x_floor']:.2f}x")
+        del model
+    if llama_cpp:
+        rows.extend(llama_cpp_rows(threads, lengths, repeats=max(3, repeats // 10)))
+    result = {"cpu": cpu, "threads": threads, "torch": torch.__version__, "memory_gbs": bandwidth / 1e9, "rows": rows,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print_table(result)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+        log(f"wrote {out}")
+    return result
+
+
+def print_table(result):
+    c = result["cpu"]
+    print(f"\nCPU {c['isa']} (torch capability {c['torch_capability']}), {result['threads']} threads, memory read {result['memory_gbs']:.1f} GB/s")
+    print("\n| engine | dtype | tokens | p50 ms | p99 ms | floor ms (bound) | p50 / floor |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        floor = f"{r['floor_ms']:.1f} ({r['bound']})" if r.get("floor_ms") else "-"
+        ratio = f"{r['x_floor']:.2f}x" if r.get("x_floor") else "-"
+        print(f"| {r['engine']} | {r['dtype']} | {r['tokens']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {floor} | {ratio} |")
+
+
+def llama_cpp_rows(threads: int, lengths, repeats: int = 5) -> list:
+    """llama-embedding on the published layout's GGUF (f32, f16, q8_0): its own prompt-eval time per query."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import llama_cpp as harness  # benchmarks/llama_cpp.py (a source checkout only)
+    except ImportError:
+        log("llama.cpp: benchmarks/llama_cpp.py is not here (run from a source checkout); skipped")
+        return []
+    from nomic_moe_conversion.convert import convert
+    from nomic_moe_conversion.synthetic import make_published_checkpoint, real_size_shape
+
+    tools = harness.prepare()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        src = make_published_checkpoint(tmp / "src", seed=0, weight_std=0.02, **real_size_shape())
+        pub = convert(str(src), str(tmp / "published"), layout_name="published", check=False)
+        f32 = harness.to_gguf(tools, pub, tmp / "model-f32.gguf", "f32")
+        for outtype in ("f32", "f16", "q8_0"):
+            gguf = f32 if outtype == "f32" else harness.to_gguf(tools, pub, tmp / f"model-{outtype}.gguf", outtype)
+            for n in lengths:
+                text = " ".join(["hello"] * (n - 2))  # one token per word plus <s> </s>
+                times = []
+                for _ in range(repeats):
+                    r = subprocess.run([str(tools.embedding), "-m", str(gguf), "-t", str(threads), "-fa", "off", "--pooling", "mean",
+                                        "--embd-normalize", "2", "-p", text], capture_output=True, text=True)
+                    m = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", r.stderr)
+                    if m:
+                        times.append(float(m.group(1)) / 1e3)
+                        tokens = int(m.group(2))
+                if times:
+                    rows.append({"engine": "llama.cpp", "dtype": outtype, "tokens": tokens, "p50_ms": percentile(times, 0.5) * 1e3,
+                                 "p99_ms": percentile(times, 0.99) * 1e3})
+                    log(f"  llama.cpp {outtype:<5} {tokens:>4} tokens: p50 {rows[-1]['p50_ms']:.1f} ms")
+    return rows
