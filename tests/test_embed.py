@@ -113,22 +113,59 @@ def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "nomic_moe_cli", "embed", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=_default_sigint, **kw)
+# The CLI, whose part worker stops after PARTS parts: it writes PAUSED and waits there until a signal
+# ends it (or until the file GO exists, then it goes on). The interrupt then lands mid-job however loaded the machine is; no race with a job that
+# would otherwise finish before the test's signal arrives.
+_PAUSING_CLI = """
+import os, sys, time
+from pathlib import Path
+from nomic_moe_inference.corpus import worker
+PARTS, PAUSED = int(os.environ["NOMIC_MOE_TEST_PARTS"]), Path(os.environ["NOMIC_MOE_TEST_PAUSED"])
+GO = Path(os.environ["NOMIC_MOE_TEST_GO"]) if os.environ.get("NOMIC_MOE_TEST_GO") else None
+embed_part, done = worker.PartEmbedder.embed_part, []
+def pausing(self, part):
+    if len(done) == PARTS and not PAUSED.exists():
+        PAUSED.touch()
+        while not (GO and GO.exists()):
+            time.sleep(0.05)
+    result = embed_part(self, part)
+    done.append(result)
+    return result
+worker.PartEmbedder.embed_part = pausing
+from nomic_moe_cli.main import main
+sys.exit(main(["embed", *sys.argv[1:]]))
+"""
+
+
+def _pausing_cli(paused: Path, parts: int, *args, go: Path = None):
+    env = dict(os.environ, NOMIC_MOE_TEST_PARTS=str(parts), NOMIC_MOE_TEST_PAUSED=str(paused), NOMIC_MOE_TEST_GO=str(go or ""))
+    # output to files, not pipes nobody reads while waiting (a full pipe would block the job)
+    with open(paused.with_name(paused.name + ".stdout"), "w") as out, open(paused.with_name(paused.name + ".stderr"), "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _PAUSING_CLI, *args], stdout=out, stderr=err, text=True,
+                                preexec_fn=_default_sigint, env=env)
+    proc.stderr_file = paused.with_name(paused.name + ".stderr")
+    return proc
+
+
+def _wait_for(path: Path, proc, seconds=600):
+    """Until ``path`` exists: the child's own progress decides, the deadline only catches a hung child."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended ({proc.returncode}) before {path.name}: {proc.stderr_file.read_text()[-3000:]}")
+        assert time.monotonic() < deadline, f"no {path.name} after {seconds}s"
+        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
 def test_interrupted_run_resumes_to_the_same_output(local_run, corpus, model, tmp_path, how):
     out = tmp_path / "resumed"
-    proc = _cli(model, str(corpus[0]), str(out), "--part-rows", "100", "--batch-tokens", "2048")
-    deadline = time.time() + 120
-    while not (out / "part-00002.parquet").exists():  # a few parts written, the rest not
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
-        time.sleep(0.02)
+    paused = tmp_path / "paused"
+    proc = _pausing_cli(paused, 3, model, str(corpus[0]), str(out), "--part-rows", "100", "--batch-tokens", "2048")
+    _wait_for(paused, proc)  # three parts written, the fourth waiting: the job is mid-way, whatever the load
     proc.send_signal(getattr(signal, how))
-    code = proc.wait(60)
-    err = proc.stderr.read()
+    code = proc.wait(300)
+    err = proc.stderr_file.read_text()
     parts = sorted(p.name for p in out.glob("part-*.parquet"))
     assert code != 0 and 0 < len(parts) < 21, (code, parts)
     if how == "SIGINT":
@@ -213,16 +250,15 @@ def test_input_refusals(model, tmp_path):
 
 def test_a_second_job_on_the_same_output_is_refused(model, corpus, tmp_path):
     out = tmp_path / "out"
-    proc = _cli(model, str(corpus[0]), str(out), "--part-rows", "100")
-    deadline = time.time() + 120
-    while not (out / "manifest.json").exists():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.02)
+    paused = tmp_path / "paused"
+    proc = _pausing_cli(paused, 1, model, str(corpus[0]), str(out), "--part-rows", "100", go=tmp_path / "go")
+    _wait_for(paused, proc)  # the first job holds OUTPUT, and cannot finish before the second one asks
     r = subprocess.run([sys.executable, "-m", "nomic_moe_cli", "embed", model, str(corpus[0]), str(out), "--part-rows", "100"],
-                       capture_output=True, text=True, timeout=120)
-    proc.wait(300)
-    assert r.returncode == 2 and "another embed job is writing" in r.stderr
-    assert proc.returncode == 0
+                       capture_output=True, text=True, timeout=600)
+    (tmp_path / "go").touch()  # now the first job finishes
+    proc.wait(600)
+    assert r.returncode == 2 and "another embed job is writing" in r.stderr, r.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr_file.read_text()[-2000:]
 
 
 def test_onnx_runtime_engine_matches_pytorch(released_both, tmp_path):
