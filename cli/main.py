@@ -75,8 +75,9 @@ def cmd_bench(a):
     if a.latency:
         from nomic_moe_inference.latency import latency_bench
 
-        return latency_bench(dtypes=a.dtypes.split(",") if a.dtypes else None, threads=a.threads or 2, repeats=a.latency_repeats,
+        latency_bench(dtypes=a.dtypes.split(",") if a.dtypes else None, threads=a.threads or 2, repeats=a.latency_repeats,
                              llama_cpp=a.llama_cpp, out=a.out, isa=a.cpu)
+        return None
     bench(device=a.device, dtypes=(a.dtypes or "float32,bfloat16").split(","), n_texts=a.texts, batch_size=a.batch_size, threads=a.threads,
           backends=a.backends.split(",") if a.backends else None, sorted_batches=sort, upstream=not a.no_upstream, out=a.out,
           repeats=a.repeats)
