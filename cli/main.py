@@ -182,6 +182,20 @@ def cmd_finetune(a):
              logging_steps=a.logging_steps, seed=a.seed, device=a.device, force=a.force)
 
 
+def cmd_serve(a):
+    from nomic_moe_serving.server import serve
+    from nomic_moe_serving.settings import Settings
+
+    if a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: binding {a.host}: the server is reachable from other machines"
+              + ("" if a.api_key else " and has no --api-key"), file=sys.stderr)
+    return serve(Settings(model=a.model, host=a.host, port=a.port, served_model_name=a.served_model_name, dtype=a.dtype,
+                          device=a.device, onnx=a.onnx, provider=a.provider, threads=a.threads, max_batch_tokens=a.max_batch_tokens,
+                          batch_seconds=a.batch_seconds, max_queue_tokens=a.max_queue_tokens, query_tokens=a.query_tokens,
+                          request_timeout=a.request_timeout, api_key=a.api_key or os.environ.get("NOMIC_MOE_API_KEY"),
+                          engine=a.engine, replicas=a.replicas, cpus_per_replica=a.cpus_per_replica))
+
+
 def cmd_doctor(a):
     from nomic_moe_inference.doctor import print_report, report
 
@@ -347,6 +361,27 @@ def build_parser():
     ft.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     ft.add_argument("--force", action="store_true", help="replace OUT")
     ft.set_defaults(func=cmd_finetune)
+
+    sv = sub.add_parser("serve", help="an OpenAI- and TEI-compatible embedding endpoint (token-budget batching, query lane)")
+    sv.add_argument("model", help="model folder or Hub repo id")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--served-model-name", help="the name clients send as `model` (default: the folder name or repo id)")
+    sv.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, int8, or auto (what this CPU/GPU runs best)")
+    sv.add_argument("--device", default="cpu", help="PyTorch device (cpu, cuda)")
+    sv.add_argument("--onnx", metavar="FILE", help="serve onnx/FILE with ONNX Runtime instead of PyTorch")
+    sv.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider, with --onnx")
+    sv.add_argument("--threads", type=int, help="torch / ONNX Runtime threads")
+    sv.add_argument("--max-batch-tokens", type=int, help="real tokens per forward pass (default: sized at warm-up to --batch-seconds)")
+    sv.add_argument("--batch-seconds", type=float, default=0.5, help="target time of one batch when sizing the budget (default 0.5)")
+    sv.add_argument("--max-queue-tokens", type=int, help="tokens the queue may hold before 429 (default 32 batches)")
+    sv.add_argument("--query-tokens", type=int, default=256, help="requests up to this many tokens go in the query lane (default 256)")
+    sv.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take in all (504 after)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set NOMIC_MOE_API_KEY)")
+    sv.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default) or Ray Serve replicas (RAY_ADDRESS joins a cluster)")
+    sv.add_argument("--replicas", type=int, help="Ray: replicas (default one per GPU, or per --cpus-per-replica cores)")
+    sv.add_argument("--cpus-per-replica", type=int, help="Ray without GPUs: cores per replica (default up to 4)")
+    sv.set_defaults(func=cmd_serve)
 
     dr = sub.add_parser("doctor", help="what will run here (attention kernel, expert backend) and why")
     dr.add_argument("--capability", metavar="MAJOR.MINOR", help="simulate a CUDA GPU (7.5 T4, 8.0 A100, 8.9 L4, 9.0 H100)")

@@ -1,0 +1,1 @@
+"""`nomic-moe serve`: an OpenAI- and TEI-compatible embedding endpoint (see app.py for the routes)."""

@@ -1,0 +1,135 @@
+"""The model behind the server: token ids in, mean-pooled vectors out. One instance, one thread.
+
+A backend takes a batch of inputs as token-id lists (prompt and special tokens already there) and
+returns the mean over each input's real tokens [n, H] float32, not yet normalised: the route
+decides Matryoshka truncation and normalisation (TEI's `normalize: false` wants the raw mean).
+Padding costs nothing in the PyTorch model (it packs real tokens), so batch partners of any
+length change no vector.
+
+PyTorch backends also count, per MoE layer, how many (token, slot) pairs each expert received:
+the server publishes the share as a metric.
+"""
+
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from nomic_moe_files import checks
+from nomic_moe_files.errors import UserError
+from nomic_moe_inference.batching import pad_batch
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[B, S, H], [B, S] -> [B, H]: mean over real tokens (denominator clamped, as the model's pooling)."""
+    m = mask[..., None].astype(np.float32)
+    return (hidden.astype(np.float32) * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+
+
+class TorchBackend:
+    kind = "pytorch"
+
+    def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "float32", threads: Optional[int] = None):
+        import torch
+        from transformers import AutoModel
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = device
+        self.dtype_name = dtype
+        checks.model_folder(model_dir)
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}[dtype]
+        model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True, dtype=torch_dtype).to(device).eval()
+        if dtype == "int8":
+            quantize = getattr(model, "quantize_int8", None)
+            if quantize is None:
+                raise UserError("this model's code has no int8 path (quantize_int8)", "update the model files, or use --dtype float32")
+            quantize()
+        self.model = model
+        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 1
+        self.vocab_size = model.config.vocab_size
+        self.hidden_size = model.config.hidden_size
+        self.moe_layers = [i for i, layer in enumerate(model.encoder.layers) if layer.is_moe]
+        self.expert_pairs = np.zeros((len(self.moe_layers), model.config.num_experts), dtype=np.int64)
+        self._pending = []  # routing counts of the running forward pass (device tensors)
+        for layer in model.encoder.layers:
+            if layer.is_moe:
+                layer.mlp.register_forward_hook(self._record_routing)
+
+    def _record_routing(self, module, inputs, output):
+        routing = output[1]
+        if getattr(routing, "counts", None) is not None:
+            self._pending.append(routing.counts)
+
+    def embed(self, inputs: List[List[int]]) -> np.ndarray:
+        torch = self.torch
+        ids, mask = pad_batch(inputs, list(range(len(inputs))), self.pad_id)
+        self._pending = []
+        with torch.inference_mode():
+            t, m = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+            hidden = self.model(input_ids=t, attention_mask=m).last_hidden_state  # [B, S, H], zero at padding
+            mf = m.to(hidden.dtype).unsqueeze(-1)
+            pooled = ((hidden * mf).sum(1).float() / mf.sum(1).float().clamp(min=1e-9)).cpu().numpy()
+            if len(self._pending) == len(self.moe_layers):
+                self.expert_pairs += torch.stack(self._pending).cpu().numpy()
+        self._pending = []
+        return pooled
+
+    def backends(self) -> Dict[str, Optional[str]]:
+        layers = self.model.encoder.layers
+        moe = next((layer.mlp.experts for layer in layers if layer.is_moe), None)
+        return {"attention": layers[0].attn.last_used, "experts": getattr(moe, "last_used", None) or getattr(moe, "implementation", None)}
+
+
+class OnnxBackend:
+    kind = "onnxruntime"
+
+    def __init__(self, model_dir: Path, onnx_file: str, provider: str = "cpu", threads: Optional[int] = None):
+        from nomic_moe_inference.onnx_encoder import session
+
+        path = model_dir / (onnx_file if "/" in onnx_file else f"onnx/{onnx_file}")
+        if not path.exists():
+            raise UserError(f"{path} does not exist", f"run nomic-moe export-onnx {model_dir} first, or name a file in onnx/")
+        cfg = checks.model_config(model_dir)
+        self.session = session(path, provider, threads)
+        self.dtype_name = f"onnx:{path.name}"
+        self.file = path.name
+        self.pad_id = cfg.get("pad_token_id", 1)
+        self.vocab_size = cfg.get("vocab_size")
+        self.hidden_size = cfg.get("hidden_size", cfg.get("n_embd"))
+        self.moe_layers = []
+        self.expert_pairs = np.zeros((0, 0), dtype=np.int64)  # the graph does not expose its routing
+
+    def embed(self, inputs: List[List[int]]) -> np.ndarray:
+        ids, mask = pad_batch(inputs, list(range(len(inputs))), self.pad_id)
+        hidden = self.session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
+        return mean_pool(hidden, mask)
+
+    def backends(self) -> Dict[str, Optional[str]]:
+        return {"attention": "onnx graph", "experts": f"onnx graph ({self.file}, {self.session.get_providers()[0]})"}
+
+
+def load_backend(model_dir: Path, dtype: str = "float32", device: str = "cpu", onnx: Optional[str] = None,
+                 provider: str = "cpu", threads: Optional[int] = None):
+    if onnx:
+        return OnnxBackend(model_dir, onnx, provider, threads)
+    return TorchBackend(model_dir, device, dtype, threads)
+
+
+def warm_up(backend, tokens_per_text: int = 128, texts: int = 8, repeats: int = 2) -> float:
+    """Runs a warm-up batch (first-call costs: kernel choice, allocations) and returns real tokens/s."""
+    rng = np.random.default_rng(0)
+    hi = min(backend.vocab_size or 1000, 250000)
+    batch = [[0] + rng.integers(5, hi, tokens_per_text - 2).tolist() + [2] for _ in range(texts)]
+    backend.embed(batch[:1])
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        backend.embed(batch)
+        best = min(best, time.perf_counter() - t0)
+    backend.expert_pairs[:] = 0  # warm-up traffic is not users' traffic
+    return tokens_per_text * texts / max(best, 1e-6)

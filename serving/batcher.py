@@ -1,0 +1,210 @@
+"""The queue and the batcher: requests from every client packed into forward passes by real tokens.
+
+Two lanes. A short interactive request (a query) goes in the `query` lane, everything else in
+`bulk`. At every batch boundary the batcher takes queries first, then fills the rest of the token
+budget from bulk work, so a query waits at most for the one batch already running. A request
+larger than the budget is served in chunks of whole inputs, one chunk per batch, so no request
+holds the model for longer than one batch. Bulk work is never starved: after `starve_after`
+batches without any bulk token, the next batch starts with bulk work.
+
+Work whose client went away, or whose deadline passed, is dropped here, before it costs model time.
+
+Pure Python and thread-safe: the event loop submits, the model thread takes batches. It knows
+nothing of HTTP or of the model; a Job tells its owner the outcome through `notify`.
+"""
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional, Tuple
+
+import numpy as np
+
+LANES = ("query", "bulk")
+
+
+class Overloaded(Exception):
+    def __init__(self, retry_after: float, queued_tokens: int, limit: int):
+        super().__init__(f"the queue holds {queued_tokens} tokens of a {limit}-token budget")
+        self.retry_after = retry_after
+
+
+class Dropped(Exception):
+    """A job taken out of the queue before it ran: its deadline passed, or its client left."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why  # "deadline" | "disconnected" | "shutdown"
+
+
+@dataclass(eq=False)
+class Job:
+    ids: List[List[int]]  # token ids of each input, prompt and special tokens included
+    lane: str
+    deadline: float  # time.monotonic() after which the job is not worth running
+    notify: Callable[[Optional[BaseException]], None]  # called once from the model thread: None = done
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: Optional[str] = None  # set by the owner: "disconnected" or "deadline" (it has answered already)
+    next: int = 0  # first input not yet scheduled
+    finished: int = 0  # inputs whose vectors are in `vectors`
+    vectors: Optional[np.ndarray] = None  # [n, H] float32, filled as batches complete
+    first_batch: Optional[float] = None  # when the first chunk started running
+    infer_seconds: float = 0.0  # model time of the batches this job was part of
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(x) for x in self.ids)
+
+    def remaining_tokens(self) -> int:
+        return sum(len(x) for x in self.ids[self.next:])
+
+
+@dataclass
+class Batch:
+    parts: List[Tuple[Job, int, int]]  # (job, first input, end) of each job's chunk in this batch
+
+    def inputs(self) -> List[List[int]]:
+        return [ids for job, lo, hi in self.parts for ids in job.ids[lo:hi]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(x) for x in self.inputs())
+
+    @property
+    def requests(self) -> int:
+        return len(self.parts)
+
+
+class Batcher:
+    def __init__(self, max_batch_tokens: int, max_queue_tokens: int, starve_after: int = 4, clock=time.monotonic):
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue_tokens = max_queue_tokens
+        self.starve_after = starve_after
+        self.clock = clock
+        self.lanes: Dict[str, Deque[Job]] = {lane: deque() for lane in LANES}
+        self.queued_tokens = {lane: 0 for lane in LANES}  # tokens not yet scheduled, per lane
+        self.tokens_per_second = None  # set by the worker as it measures: sizes Retry-After
+        self.dropped = {"deadline": 0, "disconnected": 0, "shutdown": 0}
+        self._batches_without_bulk = 0
+        self._closed = False
+        self._cv = threading.Condition()
+
+    # ---- the event loop's side ----------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise Overloaded when the queue's token budget cannot take it."""
+        n = job.tokens
+        with self._cv:
+            if self._closed:
+                raise Dropped("shutdown")
+            # each lane has the budget: bulk ingestion filling the queue never refuses a query.
+            # An empty lane takes any request: a lone large one is chunked, never refused.
+            queued = self.queued_tokens[job.lane]
+            if queued and queued + n > self.max_queue_tokens:
+                rate = self.tokens_per_second or 1000.0
+                raise Overloaded(max(1.0, queued / rate), queued, self.max_queue_tokens)
+            self.lanes[job.lane].append(job)
+            self.queued_tokens[job.lane] += n
+            self._cv.notify()
+
+    def depth(self) -> Dict[str, Tuple[int, int]]:
+        """(requests, tokens) waiting in each lane."""
+        with self._cv:
+            return {lane: (len(q), self.queued_tokens[lane]) for lane, q in self.lanes.items()}
+
+    def close(self) -> None:
+        """Refuse new work and wake the model thread, which stops once the queue is empty."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    # ---- the model thread's side --------------------------------------------------------------
+
+    def next_batch(self, timeout: Optional[float] = None) -> Optional[Batch]:
+        """Blocks until there is work (None on timeout, or when closed and empty)."""
+        deadline = None if timeout is None else self.clock() + timeout
+        with self._cv:
+            while True:
+                self._drop_stale()
+                if any(self.lanes.values()):
+                    return self._fill()
+                if self._closed:
+                    return None
+                wait = None if deadline is None else deadline - self.clock()
+                if wait is not None and wait <= 0:
+                    return None
+                self._cv.wait(wait)
+
+    def complete(self, batch: Batch, vectors: np.ndarray, seconds: float) -> None:
+        """Hands each job its rows of the batch's output; jobs with every input done are notified."""
+        row = 0
+        for job, lo, hi in batch.parts:
+            if job.finished < 0:  # dropped or failed while this chunk ran: its owner has its answer
+                row += hi - lo
+                continue
+            if job.vectors is None:
+                job.vectors = np.empty((len(job.ids), vectors.shape[1]), dtype=np.float32)
+            job.vectors[lo:hi] = vectors[row : row + hi - lo]
+            row += hi - lo
+            job.finished += hi - lo
+            job.infer_seconds += seconds
+            if job.finished == len(job.ids):
+                job.notify(None)
+
+    def fail(self, batch: Batch, error: BaseException) -> None:
+        """The model raised on this batch: its jobs fail (once each), the queue goes on."""
+        with self._cv:
+            for job, _, _ in batch.parts:
+                if job.finished >= 0:
+                    job.finished = -1  # never notified twice, even if later chunks were queued
+                    self._remove(job)
+                    job.notify(error)
+
+    # ---- inside the lock ------------------------------------------------------------------------
+
+    def _remove(self, job: Job) -> None:
+        q = self.lanes[job.lane]
+        if job in q:
+            q.remove(job)
+            self.queued_tokens[job.lane] -= job.remaining_tokens()
+
+    def _drop_stale(self) -> None:
+        now = self.clock()
+        for lane, q in self.lanes.items():
+            for job in [j for j in q if j.cancelled or now > j.deadline]:
+                why = job.cancelled or "deadline"
+                self._remove(job)
+                job.finished = -1
+                self.dropped[why] += 1
+                job.notify(Dropped(why))
+
+    def _fill(self) -> Batch:
+        budget = self.max_batch_tokens
+        parts: List[Tuple[Job, int, int]] = []
+        order = list(LANES)
+        if self.lanes["bulk"] and self._batches_without_bulk >= self.starve_after:
+            order.reverse()  # bulk has waited long enough: it goes first this once
+        took_bulk = False
+        for lane in order:
+            q = self.lanes[lane]
+            while q and budget > 0:
+                job = q[0]
+                lo = hi = job.next
+                while hi < len(job.ids) and (len(job.ids[hi]) <= budget or (hi == lo and not parts)):
+                    budget -= len(job.ids[hi])
+                    hi += 1
+                if hi == lo:
+                    break  # the next input does not fit: it starts the next batch
+                job.next = hi
+                self.queued_tokens[lane] -= sum(len(x) for x in job.ids[lo:hi])
+                if job.first_batch is None:
+                    job.first_batch = self.clock()
+                parts.append((job, lo, hi))
+                took_bulk |= lane == "bulk"
+                if job.next == len(job.ids):
+                    q.popleft()
+                else:
+                    break  # chunked: the rest waits for the next batch
+        self._batches_without_bulk = 0 if (took_bulk or not self.lanes["bulk"]) else self._batches_without_bulk + 1
+        return Batch(parts)

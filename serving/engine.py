@@ -1,0 +1,232 @@
+"""The model worker and its life: load, warm up, size the batch budget, run batches, drain, stop.
+
+Pieces, each with one job (as TEI's router):
+  admission   the routes (app.py) check the request and tokenise it on a thread pool, never on the
+              model's thread;
+  queue       Batcher (batcher.py): two lanes, token budgets, chunking, dropping stale work;
+  worker      one thread here: takes a batch, runs the backend, hands each job its rows.
+The event loop only waits on futures, so /health and /metrics answer at once under full load.
+"""
+
+import asyncio
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+
+from nomic_moe_files import checks
+from nomic_moe_files.errors import UserError
+from nomic_moe_files.hub import resolve_source
+from nomic_moe_inference.batching import MAX_SEQ_LENGTH
+
+from .backend import FLOAT_DTYPES, load_backend, warm_up
+from .batcher import Batcher, Dropped, Job
+from .metrics import Metrics
+from .prompts import Prompts
+from .settings import Settings
+
+MIN_BATCH_TOKENS, MAX_BATCH_TOKENS = MAX_SEQ_LENGTH, 16384
+
+
+def log(msg: str) -> None:
+    print(f"nomic-moe serve: {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """The dtype to load: an explicit float or int8 as given; "auto" asks the CPU/GPU table where there is one."""
+    if name in (*FLOAT_DTYPES, "int8"):
+        return name
+    if name in ("auto", "fastest"):
+        try:
+            from nomic_moe_inference import cpu
+
+            chosen = cpu.resolve_dtype(name, device)
+            return chosen if isinstance(chosen, str) else str(chosen).replace("torch.", "")
+        except (ImportError, AttributeError):
+            return "bfloat16" if device.startswith("cuda") else "float32"
+    raise UserError(f"--dtype {name} is not a dtype the server runs", "use float32, bfloat16, float16, int8 or auto")
+
+
+class Engine:
+    def __init__(self, settings: Settings, log_fn: Callable[[str], None] = log):
+        self.settings = s = settings
+        self.log = log_fn
+        self.state = "loading"  # loading -> ready -> draining -> stopped; or failed
+        self.error: Optional[str] = None
+        # the cheap checks first, so a wrong folder is an error before any port is opened
+        self.model_dir = resolve_source(s.model)
+        if s.onnx:
+            checks.model_folder(self.model_dir, need_weights=False)
+        else:
+            checks.model_folder(self.model_dir)
+        self.config = checks.model_config(self.model_dir)
+        st = checks.read_json(self.model_dir / "config_sentence_transformers.json", "sentence-transformers config") \
+            if (self.model_dir / "config_sentence_transformers.json").exists() else {}
+        self.prompts = Prompts(st.get("prompts", {}), st.get("default_prompt_name") or "document")
+        self.dtype = "float32" if s.onnx else resolve_dtype(s.dtype, s.device)
+        self.name = s.served_model_name or (s.model if not Path(s.model).expanduser().exists() else self.model_dir.name)
+        from nomic_moe_inference.corpus.job import model_revision
+
+        self.revision = model_revision(self.model_dir)
+        self.hidden_size = self.config.get("hidden_size", self.config.get("n_embd"))
+        self.backend = None
+        self.tokenizer = None
+        self.batcher: Optional[Batcher] = None
+        self.rate: Optional[float] = None  # tokens/s measured at warm-up
+        self.metrics = Metrics(self)
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self._thread: Optional[threading.Thread] = None
+        self._ready = threading.Event()
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def start(self, on_failure: Optional[Callable[[str], None]] = None) -> None:
+        """Loads and warms up on the model thread, then serves batches there until stop()."""
+        self._on_failure = on_failure
+        self._thread = threading.Thread(target=self._main, name="nomic-moe-model", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout: Optional[float] = None) -> bool:
+        self._ready.wait(timeout)
+        return self.state == "ready"
+
+    def drain(self) -> None:
+        """Stop admitting; the work already queued still runs."""
+        if self.state == "ready":
+            self.state = "draining"
+
+    def stop(self, timeout: float = 600) -> None:
+        self.drain()
+        if self.batcher is not None:
+            self.batcher.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._tokenize_pool.shutdown(wait=False)
+        if self.state != "failed":
+            self.state = "stopped"
+
+    def _main(self) -> None:
+        try:
+            self._load()
+        except BaseException as e:  # noqa: BLE001 - reported on /health and by the CLI
+            self.error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            self.state = "failed"
+            self._ready.set()
+            self.log(f"could not load the model: {self.error}")
+            if self._on_failure:
+                self._on_failure(self.error)
+            return
+        self._ready.set()
+        self._serve_batches()
+
+    def _load(self) -> None:
+        from transformers import AutoTokenizer
+
+        s = self.settings
+        t0 = time.time()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), trust_remote_code=True)
+        self.backend = load_backend(self.model_dir, self.dtype, s.device, s.onnx, s.provider, s.threads)
+        self.rate = warm_up(self.backend)
+        budget = s.max_batch_tokens or int(min(MAX_BATCH_TOKENS, max(MIN_BATCH_TOKENS, self.rate * s.batch_seconds)))
+        if budget < MAX_SEQ_LENGTH:
+            raise UserError(f"--max-batch-tokens {budget} is below one text's limit ({MAX_SEQ_LENGTH} tokens)",
+                            f"use at least {MAX_SEQ_LENGTH}")
+        self.batcher = Batcher(budget, s.max_queue_tokens or 32 * budget)
+        self.batcher.tokens_per_second = self.rate
+        if self.state == "loading":
+            self.state = "ready"
+        b = self.backend.backends()
+        self.log(f"ready in {time.time() - t0:.1f}s: model {self.name} (revision {self.revision}), "
+                 f"{self.backend.kind} {self.backend.dtype_name if s.onnx else self.dtype} on {s.provider if s.onnx else s.device}, "
+                 f"attention {b['attention']}, experts {b['experts']}; warm-up {self.rate:,.0f} tokens/s, "
+                 f"batch budget {budget} tokens ({'set' if s.max_batch_tokens else f'{s.batch_seconds:g} s of work'}), "
+                 f"queue budget {self.batcher.max_queue_tokens} tokens")
+
+    def _serve_batches(self) -> None:
+        while True:
+            batch = self.batcher.next_batch()
+            if batch is None:
+                return
+            inputs = batch.inputs()
+            t0 = time.perf_counter()
+            try:
+                vectors = self.backend.embed(inputs)
+            except Exception as e:  # noqa: BLE001 - our bug, not the client's: those jobs get a 500, the server goes on
+                self.log(f"a batch of {len(inputs)} inputs failed: {type(e).__name__}: {e}")
+                self.batcher.fail(batch, e)
+                continue
+            seconds = time.perf_counter() - t0
+            tokens = sum(len(x) for x in inputs)
+            self.batcher.complete(batch, vectors, seconds)
+            self.metrics.observe_batch(tokens, batch.requests, len(inputs), seconds)
+            for job, _, _ in batch.parts:
+                if job.first_batch is not None and job.next == len(job.ids) and job.finished == len(job.ids):
+                    self.metrics.queue_seconds.labels(job.lane).observe(job.first_batch - job.enqueued)
+                    self.metrics.inference_seconds.labels(job.lane).observe(job.infer_seconds)
+            # smoothed, for Retry-After
+            self.batcher.tokens_per_second = 0.8 * self.batcher.tokens_per_second + 0.2 * tokens / max(seconds, 1e-9)
+
+    # ---- what the routes use ------------------------------------------------------------------
+
+    def queue_depth(self):
+        return self.batcher.depth() if self.batcher else {"query": (0, 0), "bulk": (0, 0)}
+
+    def expert_counts(self) -> List[Tuple[int, np.ndarray]]:
+        if self.backend is None:
+            return []
+        return list(zip(self.backend.moe_layers, self.backend.expert_pairs.copy()))
+
+    async def tokenize(self, texts: List[str]):
+        """(ids, truncated count, untruncated lengths) off the event loop and off the model thread."""
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+
+        def work():
+            full = self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+            lengths = [len(x) for x in full]
+            cut = [x[: MAX_SEQ_LENGTH - 1] + x[-1:] if len(x) > MAX_SEQ_LENGTH else x for x in full]
+            return cut, lengths
+
+        ids, lengths = await loop.run_in_executor(self._tokenize_pool, work)
+        self.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
+        return ids, lengths
+
+    def lane_for(self, ids: List[List[int]], prompt: Optional[str]) -> str:
+        tokens = sum(len(x) for x in ids)
+        if tokens <= self.settings.query_tokens:
+            return "query"
+        if prompt == "query" and tokens <= self.batcher.max_batch_tokens:
+            return "query"
+        return "bulk"
+
+    async def embed(self, ids: List[List[int]], lane: str, deadline: float, disconnected) -> Job:
+        """Queues the inputs and waits for their vectors. Raises Overloaded, Dropped or the model's error."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def settle(error):
+            if not fut.done():
+                fut.set_exception(error) if error is not None else fut.set_result(None)
+
+        job = Job(ids, lane, deadline, lambda error: loop.call_soon_threadsafe(settle, error))
+        self.batcher.submit(job)
+        try:
+            while not fut.done():
+                await asyncio.wait({fut}, timeout=0.1)
+                if fut.done():
+                    break
+                if time.monotonic() > deadline:
+                    job.cancelled = "deadline"
+                    raise Dropped("deadline")
+                if disconnected is not None and await disconnected():
+                    job.cancelled = "disconnected"
+                    raise Dropped("disconnected")
+        except asyncio.CancelledError:
+            job.cancelled = "disconnected"
+            raise
+        fut.result()
+        return job
