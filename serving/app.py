@@ -7,6 +7,7 @@ and names the field; /embed answers in TEI's shape {"error", "error_type"}. No c
 """
 
 import base64
+import os
 import time
 from typing import List, Literal, Optional, Union
 
@@ -281,7 +282,7 @@ def create_app(engine: Engine) -> FastAPI:
                 "max_batch_tokens": engine.batcher.max_batch_tokens if engine.batcher else None,
                 "max_queue_tokens": engine.batcher.max_queue_tokens if engine.batcher else None,
                 "warmup_tokens_per_second": engine.rate, "max_client_batch_size": s.max_inputs,
-                "query_lane_tokens": s.query_tokens}
+                "query_lane_tokens": s.query_tokens, "pid": os.getpid()}
 
     @app.get("/health", responses={503: {"description": "loading, draining or failed"}})
     async def health():

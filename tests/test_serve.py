@@ -233,3 +233,23 @@ def test_sigterm_finishes_requests_in_flight(model, tmp_path):
         assert code == 0
     finally:
         s.terminate()
+
+
+def test_ray_serve_two_replicas_give_the_same_vectors(model, encoder, tmp_path):
+    pytest.importorskip("ray.serve")
+    s = ServerProcess(model, "--engine", "ray", "--replicas", "2", "--cpus-per-replica", "1", log=tmp_path / "ray.log")
+    try:
+        s.wait_healthy(timeout=400)
+        pids = set()
+        deadline = time.monotonic() + 120
+        while len(pids) < 2 and time.monotonic() < deadline:  # Ray spreads requests over the replicas
+            pids.add(httpx.get(s.url + "/info", timeout=60).json()["pid"])
+        assert len(pids) == 2
+        for _ in range(4):
+            r = post(s, "/v1/embeddings", {"model": model.name, "input": TEXTS, "prompt_name": "query"}, {})
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(np.array([d["embedding"] for d in r.json()["data"]]),
+                                       encoder.encode(TEXTS, prompt="query").numpy(), atol=1e-5)
+        assert post(s, "/v1/embeddings", {"model": "nope", "input": "x"}, {}).status_code == 404
+    finally:
+        assert s.terminate() == 0, s.log.read_text()[-3000:]
