@@ -373,7 +373,8 @@ def build_parser():
     sv.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider, with --onnx")
     sv.add_argument("--threads", type=int, help="torch / ONNX Runtime threads")
     sv.add_argument("--max-batch-tokens", type=int, help="real tokens per forward pass (default: sized at warm-up to --batch-seconds)")
-    sv.add_argument("--batch-seconds", type=float, default=0.5, help="target time of one batch when sizing the budget (default 0.5)")
+    sv.add_argument("--batch-seconds", type=float, default=1.0,
+                    help="target time of one batch when sizing the budget (default 1.0): a query waits at most about this long behind bulk work")
     sv.add_argument("--max-queue-tokens", type=int, help="tokens the queue may hold before 429 (default 32 batches)")
     sv.add_argument("--query-tokens", type=int, default=256, help="requests up to this many tokens go in the query lane (default 256)")
     sv.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take in all (504 after)")

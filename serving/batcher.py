@@ -77,8 +77,10 @@ class Batch:
 
 
 class Batcher:
-    def __init__(self, max_batch_tokens: int, max_queue_tokens: int, starve_after: int = 4, clock=time.monotonic):
+    def __init__(self, max_batch_tokens: int, max_queue_tokens: int, starve_after: int = 4, mixed_fraction: float = 0.25,
+                 clock=time.monotonic):
         self.max_batch_tokens = max_batch_tokens
+        self.mixed_fraction = mixed_fraction  # share of the budget a batch with queries in it may fill in all
         self.max_queue_tokens = max_queue_tokens
         self.starve_after = starve_after
         self.clock = clock
@@ -185,9 +187,12 @@ class Batcher:
         order = list(LANES)
         if self.lanes["bulk"] and self._batches_without_bulk >= self.starve_after:
             order.reverse()  # bulk has waited long enough: it goes first this once
-        took_bulk = False
+        took_bulk = took_query = False
         for lane in order:
             q = self.lanes[lane]
+            if lane == "bulk" and took_query:
+                # a batch that carries queries takes only a little bulk work: the queries' own batch stays short
+                budget = min(budget, max(0, int(self.max_batch_tokens * self.mixed_fraction) - (self.max_batch_tokens - budget)))
             while q and budget > 0:
                 job = q[0]
                 lo = hi = job.next
@@ -202,6 +207,7 @@ class Batcher:
                     job.first_batch = self.clock()
                 parts.append((job, lo, hi))
                 took_bulk |= lane == "bulk"
+                took_query |= lane == "query"
                 if job.next == len(job.ids):
                     q.popleft()
                 else:

@@ -16,7 +16,7 @@ class Settings:
     provider: str = "cpu"
     threads: Optional[int] = None
     max_batch_tokens: Optional[int] = None  # default: sized at warm-up so one batch takes batch_seconds
-    batch_seconds: float = 0.5
+    batch_seconds: float = 1.0
     max_queue_tokens: Optional[int] = None  # default: 32 batches
     query_tokens: int = 256  # a request of at most this many tokens (or a query-prompt request that fits one batch) is interactive
     max_inputs: int = 2048  # per request, as OpenAI

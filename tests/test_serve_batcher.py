@@ -28,14 +28,17 @@ def run(batcher, batch):
 def test_queries_go_first_and_bulk_fills_the_rest():
     b = Batcher(max_batch_tokens=100, max_queue_tokens=10_000, clock=Clock())
     log = []
-    b.submit(job([40, 40, 40], "bulk", log=log, name="docs"))
+    b.submit(job([10, 10, 40, 40], "bulk", log=log, name="docs"))
     b.submit(job([10], "query", log=log, name="q"))
     batch = b.next_batch(0)
-    assert [(p[0].lane, p[1], p[2]) for p in batch.parts] == [("query", 0, 1), ("bulk", 0, 2)]
-    assert batch.tokens == 90
+    # queries first; bulk tops the batch up to a quarter of the budget only
+    assert [(p[0].lane, p[1], p[2]) for p in batch.parts] == [("query", 0, 1), ("bulk", 0, 1)]
+    assert batch.tokens == 20
     run(b, batch)
     assert log == [("q", None)]  # the query is done after one batch, the documents are not
-    run(b, b.next_batch(0))
+    batch = b.next_batch(0)
+    assert batch.tokens == 90  # no query waiting: the whole budget
+    run(b, batch)
     assert log[-1] == ("docs", None)
 
 

@@ -1,0 +1,185 @@
+"""Closed-loop load against embedding servers on 127.0.0.1: ours, and the anchors, same folder, same workload.
+
+    python benchmarks/serve_bench.py MODEL_DIR [--servers ours:float32,ours:bfloat16,infinity] [--seconds 20]
+
+Scenarios (each client sends a request, waits for the answer, sends the next):
+  mixed      2 document clients (8 documents of 100-400 tokens per request) + 6 query clients (one
+             12-40 token query each): ingestion and search at once, the RAG endpoint's real day
+  queries    C query clients, C = 1, 4, 16, 64
+  documents  C document clients, C = 1, 4
+Per scenario and kind: texts/s, tokens/s (the model's tokenizer, prompts not counted) and
+p50/p95/p99 latency; errors counted. Servers run one after the other, each alone on the machine.
+infinity gets the raw texts (it has no prompts); ours gets prompt_name query / document.
+"""
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+WORDS = ("river market winter station garden engine paper window history music science village doctor "
+         "language mountain coffee energy network ocean harvest school planet bridge forest camera").split()
+
+
+def log(msg):
+    print(f"[serve-bench] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Texts:
+    """Random texts whose token counts (this model's tokenizer, specials included) fall in a range."""
+
+    def __init__(self, model_dir, seed=0):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+        self.rng = random.Random(seed)
+        per_word = len(self.tok(" ".join(WORDS))["input_ids"]) / len(WORDS)
+        self.per_word = max(per_word, 0.5)
+
+    def make(self, lo, hi):
+        target = self.rng.randint(lo, hi)
+        words = [self.rng.choice(WORDS) for _ in range(max(1, int(target / self.per_word)))]
+        text = " ".join(words)
+        return text, len(self.tok(text)["input_ids"])
+
+    def pool(self, n, lo, hi):
+        return [self.make(lo, hi) for _ in range(n)]
+
+
+def start(kind, model_dir, dtype, port, logfile):
+    env = dict(os.environ, OMP_NUM_THREADS="2", DO_NOT_TRACK="1", INFINITY_ANONYMOUS_USAGE_STATS="0")
+    if kind == "ours":
+        cmd = [str(HERE.parent / ".venv/bin/nomic-moe"), "serve", str(model_dir), "--port", str(port), "--threads", "2",
+               "--dtype", dtype, "--served-model-name", "bench"]
+    elif kind == "infinity":
+        venv = Path(os.environ.get("INFINITY_VENV", Path.home() / ".cache/nomic-moe/infinity-venv"))
+        cmd = [str(venv / "bin/infinity_emb"), "v2", "--model-id", str(model_dir), "--served-model-name", "bench", "--port", str(port),
+               "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu", "--batch-size", "32", "--no-bettertransformer"]
+    else:
+        raise SystemExit(f"unknown server {kind}")
+    proc = subprocess.Popen(cmd, stdout=open(logfile, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{kind} exited: see {logfile}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"{kind} not healthy in time: see {logfile}")
+
+
+def route(kind):
+    return "/v1/embeddings" if kind == "ours" else "/embeddings"
+
+
+def client_loop(kind, url, texts, per_request, prompt, until, out, rng):
+    with httpx.Client(timeout=600) as c:
+        while time.monotonic() < until:
+            batch = [texts[rng.randrange(len(texts))] for _ in range(per_request)]
+            body = {"model": "bench", "input": [t for t, _ in batch]}
+            if kind == "ours":
+                body["prompt_name"] = prompt
+            t0 = time.monotonic()
+            try:
+                r = c.post(url + route(kind), json=body)
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            out.append((prompt, time.monotonic() - t0, ok, len(batch), sum(n for _, n in batch), t0))
+
+
+def scenario(kind, url, name, clients, seconds, queries, docs):
+    out = []
+    start_t = time.monotonic()
+    until = start_t + seconds
+    threads = []
+    for i, (what, n) in enumerate(clients):
+        pool, per = (queries, 1) if what == "query" else (docs, 8)
+        th = threading.Thread(target=client_loop, args=(kind, url, pool, per, what, until, out, random.Random(i)))
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    wall = time.monotonic() - start_t
+    rows = []
+    for what in ("query", "document"):
+        got = [r for r in out if r[0] == what]
+        if not got:
+            continue
+        lat = np.array([r[1] for r in got if r[2]]) * 1000
+        rows.append({"server": kind, "scenario": name, "kind": what, "requests": len(got), "errors": sum(not r[2] for r in got),
+                     "texts_per_s": sum(r[3] for r in got if r[2]) / wall, "tokens_per_s": sum(r[4] for r in got if r[2]) / wall,
+                     "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+                     "p95_ms": float(np.percentile(lat, 95)) if len(lat) else None,
+                     "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None})
+    for r in rows:
+        log(f"{kind:>14} {name:<14} {r['kind']:<8} {r['texts_per_s']:7.2f} texts/s {r['tokens_per_s']:8.0f} tok/s "
+            f"p50 {r['p50_ms'] or 0:8.0f} p95 {r['p95_ms'] or 0:8.0f} p99 {r['p99_ms'] or 0:8.0f} ms  errors {r['errors']}")
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("model_dir")
+    p.add_argument("--servers", default="ours:float32,infinity", help="comma list of ours:DTYPE and infinity")
+    p.add_argument("--seconds", type=float, default=20, help="per scenario (mixed runs 3x this)")
+    p.add_argument("--query-clients", default="1,4,16,64")
+    p.add_argument("--doc-clients", default="1,4")
+    p.add_argument("--out", default=str(HERE / "out/serve_bench.json"))
+    a = p.parse_args()
+    texts = Texts(a.model_dir)
+    queries, docs = texts.pool(400, 12, 40), texts.pool(400, 100, 400)
+    rows = []
+    for spec in a.servers.split(","):
+        kind, _, dtype = spec.partition(":")
+        label = f"{kind}:{dtype}" if dtype else kind
+        logfile = Path(a.out).with_name(f"{label.replace(':', '-')}.log")
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        log(f"starting {label} (log {logfile})")
+        proc, url = start(kind, a.model_dir, dtype or "float32", free_port(), logfile)
+        try:
+            scenario(kind, url, "warm-up", [("query", 1), ("document", 1)], 5, queries, docs)
+            plan = [("mixed", [("document", 1)] * 2 + [("query", 1)] * 6, 3 * a.seconds)]
+            plan += [(f"queries x{c}", [("query", 1)] * int(c), a.seconds) for c in a.query_clients.split(",") if c]
+            plan += [(f"documents x{c}", [("document", 1)] * int(c), a.seconds) for c in a.doc_clients.split(",") if c]
+            for name, clients, seconds in plan:
+                for r in scenario(kind, url, name, clients, seconds, queries, docs):
+                    r["server"] = label
+                    rows.append(r)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    Path(a.out).write_text(json.dumps(rows, indent=2))
+    print("| server | scenario | kind | texts/s | tokens/s | p50 ms | p95 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['server']} | {r['scenario']} | {r['kind']} | {r['texts_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+              f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |")
+
+
+if __name__ == "__main__":
+    main()
