@@ -226,16 +226,16 @@ def create_app(engine: Engine) -> FastAPI:
                    "x-compute-tokens": str(tokens), "x-truncated-inputs": str(len(long))}
         return job.vectors, tokens, headers
 
-    def finish(vectors: np.ndarray, dimensions: Optional[int], normalize: bool, param: str = "dimensions") -> np.ndarray:
+    def finish(vectors: np.ndarray, dimensions: Optional[int], normalize: bool) -> np.ndarray:
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
         if normalize:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors.astype(np.float32)
 
-    def check_dimensions(dimensions: Optional[int]):
+    def check_dimensions(dimensions: Optional[int], status: int = 400):
         if dimensions is not None and not 1 <= dimensions <= engine.hidden_size:
-            raise APIError(400, f"dimensions {dimensions} is outside 1..{engine.hidden_size} (768 and 256 were trained)",
+            raise APIError(status, f"dimensions {dimensions} is outside 1..{engine.hidden_size} (768 and 256 were trained)",
                            "dimensions", "invalid_value")
 
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_errors(400, 401, 404, 413, 429, 503, 504))
@@ -262,8 +262,7 @@ def create_app(engine: Engine) -> FastAPI:
     @app.post("/embed", response_model=List[List[float]], responses=_errors(401, 413, 422, 429, 503, 504, tei=True))
     async def embed(body: EmbedRequest, request: Request):
         """TEI's embed contract: LangChain's and LlamaIndex's TEI clients work unchanged."""
-        if body.dimensions is not None and not 1 <= body.dimensions <= engine.hidden_size:
-            raise APIError(422, f"dimensions {body.dimensions} is outside 1..{engine.hidden_size}", "dimensions")
+        check_dimensions(body.dimensions, 422)
         vectors, tokens, headers = await run(request, body.inputs, body.prompt_name, body.truncate, "inputs")
         return JSONResponse(finish(vectors, body.dimensions, body.normalize).tolist(), headers=headers)
 

@@ -20,7 +20,6 @@ from nomic_moe_files import checks
 from nomic_moe_files.errors import UserError
 from nomic_moe_inference.batching import pad_batch
 
-FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

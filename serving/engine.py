@@ -23,7 +23,7 @@ from nomic_moe_files.errors import UserError
 from nomic_moe_files.hub import resolve_source
 from nomic_moe_inference.batching import MAX_SEQ_LENGTH
 
-from .backend import FLOAT_DTYPES, load_backend, warm_up
+from .backend import load_backend, warm_up
 from .batcher import Batcher, Dropped, Job
 from .metrics import Metrics
 from .prompts import Prompts
@@ -37,18 +37,11 @@ def log(msg: str) -> None:
 
 
 def resolve_dtype(name: str, device: str) -> str:
-    """The dtype to load: an explicit float or int8 as given; "auto" asks the CPU/GPU table where there is one."""
-    if name in (*FLOAT_DTYPES, "int8"):
-        return name
-    if name in ("auto", "fastest"):
-        try:
-            from nomic_moe_inference import cpu
+    """The dtype to load, by name: explicit names as given, "auto"/"fastest" from the CPU/GPU table (inference/cpu.py)."""
+    from nomic_moe_inference import cpu
 
-            chosen = cpu.resolve_dtype(name, device)
-            return chosen if isinstance(chosen, str) else str(chosen).replace("torch.", "")
-        except (ImportError, AttributeError):
-            return "bfloat16" if device.startswith("cuda") else "float32"
-    raise UserError(f"--dtype {name} is not a dtype the server runs", "use float32, bfloat16, float16, int8 or auto")
+    chosen = cpu.resolve_dtype(name, device)  # raises a UserError for a name or a dtype this machine cannot run
+    return chosen if isinstance(chosen, str) else str(chosen).replace("torch.", "")
 
 
 class Engine:
