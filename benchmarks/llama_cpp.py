@@ -44,6 +44,7 @@ class Tools:
     source: Path  # vendor/llama.cpp
     python: Path  # the converter's venv
     embedding: Path  # build/bin/llama-embedding
+    server: Path = None  # build/bin/llama-server (serve_bench's anchor), when prepare() built it
 
 
 def _run(cmd, **kw):
@@ -56,7 +57,8 @@ def _run(cmd, **kw):
     return r
 
 
-def prepare(cache: Path = None, jobs: int = 2) -> Tools:
+def prepare(cache: Path = None, jobs: int = 2, server: bool = False) -> Tools:
+    """``server``: build llama-server too (the HTTP anchor of benchmarks/serve_bench.py)."""
     cache = Path(cache or default_cache())
     cache.mkdir(parents=True, exist_ok=True)
     unpacked = cache / f"llama_cpp_python-{VERSION}"
@@ -75,13 +77,16 @@ def prepare(cache: Path = None, jobs: int = 2) -> Tools:
         _run([python, "-m", "pip", "install", "-q", source / "gguf-py", *CONVERTER_DEPS])
         (venv / ".ready").touch()
     build = cache / "build"
-    embedding = build / "bin" / "llama-embedding"
-    if not embedding.exists():
-        _run(["cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
-              "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF"])
-        log(f"building llama-embedding with -j{jobs} (about 7 minutes on 2 cores)")
-        _run(["cmake", "--build", build, "--target", "llama-embedding", f"-j{jobs}"])
-    return Tools(source, python, embedding)
+    embedding, server_bin = build / "bin" / "llama-embedding", build / "bin" / "llama-server"
+    targets = [t for t, path in (("llama-embedding", embedding), ("llama-server", server_bin))
+               if not path.exists() and (server or t == "llama-embedding")]
+    if targets:
+        if not (build / "CMakeCache.txt").exists():
+            _run(["cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+                  "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF"])
+        log(f"building {' '.join(targets)} with -j{jobs} (about 7 minutes on 2 cores for the first, less for the next)")
+        _run(["cmake", "--build", build, "--target", *targets, f"-j{jobs}"])
+    return Tools(source, python, embedding, server_bin if server_bin.exists() else None)
 
 
 def to_gguf(tools: Tools, folder: Path, out: Path, outtype: str = "f32") -> Path:
