@@ -25,6 +25,7 @@ byte, serves this code, TEI, vLLM and llama.cpp.
 
 import functools
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -42,8 +43,11 @@ from .experts_nomic_moe import (
     auto_choice,
     combine,
     experts_graph,
+    experts_packed,
     experts_sorted,
+    pack_experts,
     pack_w2,
+    packed_available,
     run_auto,
     run_first,
     why_unavailable,
@@ -430,12 +434,21 @@ class NomicMoEExperts(nn.Module):
         self.implementation = config.moe_implementation  # "auto" or a name in BACKENDS
         self.last_used = None
         self.int8 = None  # Int8Experts after quantize_int8()
+        # fp32 inference on the CPU packs the expert matrices once in oneDNN's layout (a second copy,
+        # 906 MB at the real size); NOMIC_MOE_CPU_PACK=0 keeps only the stored weights
+        self.pack_cpu = os.environ.get("NOMIC_MOE_CPU_PACK", "1") != "0"
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.int8 is not None:
             self.last_used = "int8"
             return self.int8(x, routing, combine) + self.bias
         w1, w2 = self.mlp.per_expert()
+        target = Target.of(x.device, x.dtype)
+        if target.device == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and self.pack_cpu \
+                and self.implementation == "auto" and auto_choice(target, False) == "sorted" \
+                and packed_available():  # the floor's math with the weights laid out once
+            self.last_used = "sorted (packed)"
+            return experts_packed(x, routing, self._packed(w1, w2)) + self.bias
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled() \
                 and self.implementation in ("auto", "sorted"):
             self.last_used = "sorted"  # half precision on the CPU: w2 packed once as [out, in] rows
@@ -450,6 +463,13 @@ class NomicMoEExperts(nn.Module):
             raise RuntimeError(f"moe_implementation={self.implementation!r} cannot run here: {why}")
         self.last_used = self.implementation
         return BACKENDS[self.implementation](x, routing, w1, w2) + self.bias
+
+    def _packed(self, w1, w2):
+        """pack_experts(w1, w2), made on first use and again only when the weights change."""
+        key = (w1.data_ptr(), w2.data_ptr(), self.mlp.w1._version, self.mlp.w2._version)
+        if getattr(self, "_pack_key", None) != key:
+            self._pack, self._pack_key = pack_experts(w1, w2), key
+        return self._pack
 
     def _packed_w2(self, w2):
         """w2 transposed per expert, contiguous, made on first use and again only when w2 changes."""

@@ -37,3 +37,45 @@ def test_bf16_model_packs_once_and_repacks_after_a_weight_change(ckpts):
         model(input_ids=ids)
         assert experts._w2_t is not first  # an in-place update is seen
         torch.testing.assert_close(experts._w2_t, pack_w2(experts.mlp.per_expert()[1]))
+
+
+# --- fp32: every expert matrix prepacked in oneDNN's layout (experts_packed) ---------------------
+
+def test_oneDNN_packed_experts_match_the_reference():
+    from nomic_moe_modeling.experts_nomic_moe import experts_packed, pack_experts, packed_available
+
+    assert packed_available(), "this torch has no oneDNN: the CPU fast path would never run"
+    for case in (dict(N=60), dict(N=1, k=1, E=4), dict(N=90, skew=True), dict(N=700), dict(N=0)):
+        x, routing, w1, w2 = make_case(**case)
+        got = experts_packed(x, routing, pack_experts(w1, w2))
+        ref = BACKENDS["eager"](x, routing, w1, w2)
+        assert got.shape == ref.shape
+        if ref.numel():
+            assert (got - ref).abs().max().item() <= 1e-5
+
+
+def test_fp32_model_uses_packed_experts_once_and_repacks_after_a_weight_change(ckpts, monkeypatch):
+    path = ckpts.converted(num_experts=4, top_k=2, num_layers=2)
+    model = NomicMoEModel.from_pretrained(path).eval()
+    ids = torch.randint(3, 400, (3, 11))
+    experts = next(l for l in model.encoder.layers if l.is_moe).mlp.experts
+    with torch.no_grad():
+        packed_out = model(input_ids=ids).last_hidden_state
+        assert experts.last_used == "sorted (packed)"
+        first = experts._pack
+        assert torch.equal(model(input_ids=ids).last_hidden_state, packed_out) and experts._pack is first
+        for layer in model.encoder.layers:  # the stored weights, unpacked
+            if layer.is_moe:
+                layer.mlp.experts.pack_cpu = False
+        plain_out = model(input_ids=ids).last_hidden_state
+        assert experts.last_used == "sorted"
+        assert (packed_out - plain_out).abs().max().item() <= 1e-5
+        for layer in model.encoder.layers:
+            if layer.is_moe:
+                layer.mlp.experts.pack_cpu = True
+        experts.mlp.w1.mul_(2.0)
+        model(input_ids=ids)
+        assert experts._pack is not first  # an in-place update is seen
+    model.train()
+    out = model(input_ids=ids).last_hidden_state  # autograd records: the differentiable path, not the packed one
+    assert experts.last_used != "sorted (packed)" and out.requires_grad

@@ -220,12 +220,16 @@ def test_sigterm_finishes_requests_in_flight(model, tmp_path):
         docs = [("text %d " % i) * 50 for i in range(150)]
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(post, s, "/v1/embeddings", {"model": model.name, "input": docs}, {}) for _ in range(4)]
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
+            # SIGTERM only once all four are admitted (a chunked request stays in its lane until its
+            # last chunk is scheduled, ~20 batches here); one still being sent would rightly get 503
+            deadline, admitted = time.monotonic() + 120, 0
+            while time.monotonic() < deadline and admitted < 4:
                 m = httpx.get(s.url + "/metrics").text
-                if any(line.startswith('nomic_moe_queue_requests{lane="bulk"}') and float(line.split()[-1]) >= 2 for line in m.splitlines()):
-                    break
+                admitted = sum(float(line.split()[-1]) for line in m.splitlines()
+                               if line.startswith('nomic_moe_queue_requests{lane="bulk"}'))
                 time.sleep(0.01)
+            assert admitted >= 4, f"only {admitted} of 4 requests were admitted in 120 s"
+            assert not any(f.done() for f in futures), "a request finished before SIGTERM: the test needs more work per request"
             code = s.terminate()
             responses = [f.result() for f in futures]
         assert [r.status_code for r in responses] == [200] * 4
