@@ -78,8 +78,8 @@ def prepare(cache: Path = None, jobs: int = 2, server: bool = False) -> Tools:
         (venv / ".ready").touch()
     build = cache / "build"
     embedding, server_bin = build / "bin" / "llama-embedding", build / "bin" / "llama-server"
-    targets = [t for t, path in (("llama-embedding", embedding), ("llama-server", server_bin))
-               if not path.exists() and (server or t == "llama-embedding")]
+    wanted = {"llama-embedding": embedding, **({"llama-server": server_bin} if server else {})}
+    targets = [t for t, path in wanted.items() if not path.exists()]
     if targets:
         if not (build / "CMakeCache.txt").exists():
             _run(["cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",

@@ -66,22 +66,29 @@ def combine(y_sorted, routing, n_tokens):
     return y.view(n_tokens, routing.top_k, y.shape[-1]).sum(1)
 
 
-def experts_sorted(x, routing, w1, w2, w2_t=None):
-    """``w2_t``: optional [E, H, I] contiguous copy of w2 transposed (pack_w2), so that both products
-    take their weight as [out, in] rows, the layout oneDNN's bf16 GEMM wants: with w2 as stored, a bf16
-    product on a CPU without native bf16 was 17x slower (RESULTS.md, "CPU: per-call weight layout")."""
+def dispatch_sorted(x, routing, n_experts, ffn):
+    """Gather x once in expert order, run ``ffn(e, rows)`` on each non-empty segment, combine.
+
+    The CPU paths share it (float, prepacked, int8); only the per-expert product differs.
+    """
     xs = x[routing.sorted_tokens()]  # [N*k, H], grouped by expert
     bounds = routing.offsets.tolist()  # the one host sync of this path
-    segments = []
-    for e in range(w1.shape[0]):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            h = F.gelu(F.linear(xs[lo:hi], w1[e]))
-            segments.append(F.linear(h, w2_t[e]) if w2_t is not None else h @ w2[e])
+    segments = [ffn(e, xs[bounds[e]:bounds[e + 1]]) for e in range(n_experts) if bounds[e + 1] > bounds[e]]
     y = torch.cat(segments) if segments else xs.new_zeros(0, x.shape[1])
     return combine(y, routing, x.shape[0])
 
 
+def experts_sorted(x, routing, w1, w2, w2_t=None):
+    """``w2_t``: optional [E, H, I] contiguous copy of w2 transposed (pack_w2), so that both products
+    take their weight as [out, in] rows, the layout oneDNN's bf16 GEMM wants: with w2 as stored, a bf16
+    product on a CPU without native bf16 was 17x slower (RESULTS.md, "CPU: per-call weight layout")."""
+    def ffn(e, rows):
+        h = F.gelu(F.linear(rows, w1[e]))
+        return F.linear(h, w2_t[e]) if w2_t is not None else h @ w2[e]
+    return dispatch_sorted(x, routing, w1.shape[0], ffn)
+
+
+@functools.lru_cache(maxsize=None)
 def packed_available() -> bool:
     """oneDNN's prepacked linear is in this torch build (x86 and aarch64 wheels have it)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -109,12 +116,7 @@ def packed_linear(x, w_packed):
 def experts_packed(x, routing, packed):
     """experts_sorted with weights from pack_experts: same dispatch, same math."""
     ups, downs = packed
-    xs = x[routing.sorted_tokens()]  # [N*k, H], grouped by expert
-    bounds = routing.offsets.tolist()
-    segments = [packed_linear(F.gelu(packed_linear(xs[bounds[e]:bounds[e + 1]], ups[e])), downs[e])
-                for e in range(len(ups)) if bounds[e + 1] > bounds[e]]
-    y = torch.cat(segments) if segments else xs.new_zeros(0, x.shape[1])
-    return combine(y, routing, x.shape[0])
+    return dispatch_sorted(x, routing, len(ups), lambda e, rows: packed_linear(F.gelu(packed_linear(rows, ups[e])), downs[e]))
 
 
 def pack_w2(w2):

@@ -88,14 +88,6 @@ class Int8Experts(nn.Module):
         self.ups = nn.ModuleList(Int8Linear(w1[e], None, engine) for e in range(w1.shape[0]))
         self.downs = nn.ModuleList(Int8Linear(w2[e].T, None, engine) for e in range(w2.shape[0]))
 
-    def forward(self, x: torch.Tensor, routing, combine) -> torch.Tensor:
-        """Same dispatch as experts_sorted: gather in expert order, per-expert products, unsort."""
-        xs = x[routing.sorted_tokens()]
-        bounds = routing.offsets.tolist()
-        segments = []
-        for e in range(len(self.ups)):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                segments.append(self.downs[e](F.gelu(self.ups[e](xs[lo:hi]))))
-        y = torch.cat(segments) if segments else xs.new_zeros(0, x.shape[1])
-        return combine(y, routing, x.shape[0])
+    def forward(self, x: torch.Tensor, routing, dispatch) -> torch.Tensor:
+        """Same dispatch as experts_sorted (``dispatch`` is experts_nomic_moe.dispatch_sorted)."""
+        return dispatch(x, routing, len(self.ups), lambda e, rows: self.downs[e](F.gelu(self.ups[e](rows))))

@@ -41,7 +41,7 @@ from .experts_nomic_moe import (
     BACKENDS,
     Target,
     auto_choice,
-    combine,
+    dispatch_sorted,
     experts_graph,
     experts_packed,
     experts_sorted,
@@ -441,7 +441,7 @@ class NomicMoEExperts(nn.Module):
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.int8 is not None:
             self.last_used = "int8"
-            return self.int8(x, routing, combine) + self.bias
+            return self.int8(x, routing, dispatch_sorted) + self.bias
         w1, w2 = self.mlp.per_expert()
         target = Target.of(x.device, x.dtype)
         if target.device == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and self.pack_cpu \
@@ -466,17 +466,19 @@ class NomicMoEExperts(nn.Module):
 
     def _packed(self, w1, w2):
         """pack_experts(w1, w2), made on first use and again only when the weights change."""
-        key = (w1.data_ptr(), w2.data_ptr(), self.mlp.w1._version, self.mlp.w2._version)
-        if getattr(self, "_pack_key", None) != key:
-            self._pack, self._pack_key = pack_experts(w1, w2), key
-        return self._pack
+        return self._cached("_pack", pack_experts, w1, w2)
 
     def _packed_w2(self, w2):
         """w2 transposed per expert, contiguous, made on first use and again only when w2 changes."""
-        key = (w2.data_ptr(), w2.dtype, self.mlp.w2._version)
-        if getattr(self, "_w2_key", None) != key:
-            self._w2_t, self._w2_key = pack_w2(w2), key
-        return self._w2_t
+        return self._cached("_w2_t", pack_w2, w2)
+
+    def _cached(self, name, build, *weights):
+        """build(*weights), kept as self.<name> until a weight is replaced, recast or updated in place."""
+        key = tuple((w.data_ptr(), w.dtype, w._version) for w in weights)
+        if getattr(self, name + "_key", None) != key:
+            setattr(self, name, build(*weights))
+            setattr(self, name + "_key", key)
+        return getattr(self, name)
 
     def extra_repr(self) -> str:
         E, I, H = self.mlp.shape
