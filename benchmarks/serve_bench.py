@@ -1,6 +1,6 @@
 """Closed-loop load against embedding servers on 127.0.0.1: ours, and the anchors, same folder, same workload.
 
-    python benchmarks/serve_bench.py MODEL_DIR [--servers ours:float32,ours:bfloat16,infinity] [--seconds 20]
+    python benchmarks/serve_bench.py MODEL_DIR [--servers ours:float32,ours:bfloat16,infinity,llama.cpp:f32] [--seconds 20]
 
 Scenarios (each client sends a request, waits for the answer, sends the next):
   mixed      2 document clients (8 documents of 100-400 tokens per request) + 6 query clients (one
@@ -9,7 +9,10 @@ Scenarios (each client sends a request, waits for the answer, sends the next):
   documents  C document clients, C = 1, 4
 Per scenario and kind: texts/s, tokens/s (the model's tokenizer, prompts not counted) and
 p50/p95/p99 latency; errors counted. Servers run one after the other, each alone on the machine.
-infinity gets the raw texts (it has no prompts); ours gets prompt_name query / document.
+infinity and llama.cpp get the raw texts (they have no prompts); ours gets prompt_name query / document.
+llama.cpp: `llama-server --embedding` on a GGUF (f32, f16 or q8_0) of MODEL_DIR in the published
+layout, made here once (benchmarks/llama_cpp.py builds llama-server; its GGUF lacks the expert bias,
+so its vectors differ, but the work per token is the same).
 """
 
 import argparse
@@ -28,6 +31,7 @@ import httpx
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 WORDS = ("river market winter station garden engine paper window history music science village doctor "
          "language mountain coffee energy network ocean harvest school planet bridge forest camera").split()
 
@@ -72,6 +76,15 @@ def start(kind, model_dir, dtype, port, logfile):
         venv = Path(os.environ.get("INFINITY_VENV", Path.home() / ".cache/nomic-moe/infinity-venv"))
         cmd = [str(venv / "bin/infinity_emb"), "v2", "--model-id", str(model_dir), "--served-model-name", "bench", "--port", str(port),
                "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu", "--batch-size", "32", "--no-bettertransformer"]
+    elif kind == "llama.cpp":
+        import llama_cpp as harness  # benchmarks/llama_cpp.py
+
+        tools = harness.prepare(server=True)
+        gguf = llama_gguf(tools, model_dir, dtype, Path(logfile).parent)
+        # every slot holds one text of up to 512 tokens; a step batches the texts of all busy slots
+        slots = 16
+        cmd = [str(tools.server), "-m", str(gguf), "--embedding", "--pooling", "mean", "--host", "127.0.0.1", "--port", str(port),
+               "-t", "2", "-np", str(slots), "-c", str(512 * slots), "-b", "4096", "-ub", "4096", "-lm", "none"]
     else:
         raise SystemExit(f"unknown server {kind}")
     proc = subprocess.Popen(cmd, stdout=open(logfile, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -89,8 +102,23 @@ def start(kind, model_dir, dtype, port, logfile):
     raise SystemExit(f"{kind} not healthy in time: see {logfile}")
 
 
+def llama_gguf(tools, model_dir, outtype, folder):
+    """MODEL_DIR -> the published layout -> GGUF of ``outtype``, made once in ``folder``."""
+    import llama_cpp as harness
+    from nomic_moe_conversion.convert import convert
+
+    gguf = folder / f"llama-{outtype}.gguf"
+    if not gguf.exists():
+        published = folder / "published"
+        if not published.exists():
+            convert(str(model_dir), str(published), layout_name="published", check=False)
+        harness.to_gguf(tools, published, gguf.with_suffix(".tmp"), outtype)
+        gguf.with_suffix(".tmp").rename(gguf)
+    return gguf
+
+
 def route(kind):
-    return "/v1/embeddings" if kind == "ours" else "/embeddings"
+    return {"ours": "/v1/embeddings", "llama.cpp": "/v1/embeddings"}.get(kind, "/embeddings")
 
 
 def client_loop(kind, url, texts, per_request, prompt, until, out, rng):
@@ -142,7 +170,7 @@ def scenario(kind, url, name, clients, seconds, queries, docs):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("model_dir")
-    p.add_argument("--servers", default="ours:float32,infinity", help="comma list of ours:DTYPE and infinity")
+    p.add_argument("--servers", default="ours:float32,infinity", help="comma list of ours:DTYPE, infinity and llama.cpp:f32|f16|q8_0")
     p.add_argument("--seconds", type=float, default=20, help="per scenario (mixed runs 3x this)")
     p.add_argument("--query-clients", default="1,4,16,64")
     p.add_argument("--doc-clients", default="1,4")
@@ -157,7 +185,7 @@ def main():
         logfile = Path(a.out).with_name(f"{label.replace(':', '-')}.log")
         logfile.parent.mkdir(parents=True, exist_ok=True)
         log(f"starting {label} (log {logfile})")
-        proc, url = start(kind, a.model_dir, dtype or "float32", free_port(), logfile)
+        proc, url = start(kind, a.model_dir, dtype or ("f32" if kind == "llama.cpp" else "float32"), free_port(), logfile)
         try:
             scenario(kind, url, "warm-up", [("query", 1), ("document", 1)], 5, queries, docs)
             plan = [("mixed", [("document", 1)] * 2 + [("query", 1)] * 6, 3 * a.seconds)]

@@ -159,10 +159,29 @@ def print_table(result):
         print(f"| {r['engine']} | {r['dtype']} | {r['tokens']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {floor} | {ratio} |")
 
 
-def llama_cpp_rows(threads: int, lengths, repeats: int = 5) -> list:
-    """llama-embedding on the published layout's GGUF (f32, f16, q8_0): its own prompt-eval time per query."""
+def llama_prompt_eval(cmd, tries: int = 12):
+    """(seconds, tokens) of the one forward pass of a llama-embedding run, as llama.cpp times it.
+
+    -v: llama.cpp prints that timing only at this verbosity. -lm none: the weights are read into
+    memory at load, so the timed pass does not page them in (llama.cpp runs one warm-up pass first).
+    Its asynchronous logger is not flushed before exit, so the line is sometimes missing while the
+    exit code is 0 (benchmarks/llama_cpp.py embed() sees the same); the run is repeated then.
+    """
     import re
     import subprocess
+
+    for _ in range(tries):
+        r = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+        if r.returncode != 0:
+            raise RuntimeError(f"llama-embedding failed ({r.returncode}): {r.stderr[-2000:]}")
+        m = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", r.stdout + r.stderr)
+        if m:
+            return float(m.group(1)) / 1e3, int(m.group(2))
+    raise RuntimeError(f"llama-embedding printed no timing in {tries} runs")
+
+
+def llama_cpp_rows(threads: int, lengths, repeats: int = 5) -> list:
+    """llama-embedding on the published layout's GGUF (f32, f16, q8_0): its own prompt-eval time per query."""
     import tempfile
     from pathlib import Path
 
@@ -174,6 +193,7 @@ def llama_cpp_rows(threads: int, lengths, repeats: int = 5) -> list:
         return []
     from nomic_moe_conversion.convert import convert
     from nomic_moe_conversion.synthetic import make_published_checkpoint, real_size_shape
+    from transformers import AutoTokenizer
 
     tools = harness.prepare()
     rows = []
@@ -182,18 +202,21 @@ def llama_cpp_rows(threads: int, lengths, repeats: int = 5) -> list:
         src = make_published_checkpoint(tmp / "src", seed=0, weight_std=0.02, **real_size_shape())
         pub = convert(str(src), str(tmp / "published"), layout_name="published", check=False)
         f32 = harness.to_gguf(tools, pub, tmp / "model-f32.gguf", "f32")
+        tokenizer = AutoTokenizer.from_pretrained(str(pub))
         for outtype in ("f32", "f16", "q8_0"):
             gguf = f32 if outtype == "f32" else harness.to_gguf(tools, pub, tmp / f"model-{outtype}.gguf", outtype)
             for n in lengths:
-                text = " ".join(["hello"] * (n - 2))  # one token per word plus <s> </s>
+                text = " ".join(["the"] * (n - 2))  # one token per word plus <s> </s>
+                if len(tokenizer(text)["input_ids"]) != n:
+                    raise RuntimeError(f"the probe text is not {n} tokens for this tokenizer")
                 times = []
+                cmd = [str(tools.embedding), "-m", str(gguf), "-t", str(threads), "-fa", "off", "--pooling", "mean",
+                       "--embd-normalize", "2", "-lm", "none", "-v", "-p", text]
                 for _ in range(repeats):
-                    r = subprocess.run([str(tools.embedding), "-m", str(gguf), "-t", str(threads), "-fa", "off", "--pooling", "mean",
-                                        "--embd-normalize", "2", "-p", text], capture_output=True, text=True)
-                    m = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", r.stderr)
-                    if m:
-                        times.append(float(m.group(1)) / 1e3)
-                        tokens = int(m.group(2))
+                    seconds, tokens = llama_prompt_eval(cmd)
+                    if tokens != n:  # the same workload as ours, or no row
+                        raise RuntimeError(f"llama.cpp evaluated {tokens} tokens for a {n}-token query")
+                    times.append(seconds)
                 if times:
                     rows.append({"engine": "llama.cpp", "dtype": outtype, "tokens": tokens, "p50_ms": percentile(times, 0.5) * 1e3,
                                  "p99_ms": percentile(times, 0.99) * 1e3})

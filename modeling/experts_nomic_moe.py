@@ -109,8 +109,53 @@ def pack_experts(w1, w2):
     return ups, downs
 
 
-def packed_linear(x, w_packed):
-    return torch.ops.mkldnn._linear_pointwise(x, w_packed, None, "none", [], "")
+def pack_linear(w):
+    """One [out, in] weight in oneDNN's packed layout (fp32, CPU): the attention and dense-MLP matrices."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_HINT)
+
+
+def packed_linear(x, w_packed, bias=None):
+    return torch.ops.mkldnn._linear_pointwise(x, w_packed, bias, "none", [], "")
+
+
+def cpu_pack_enabled() -> bool:
+    """NOMIC_MOE_CPU_PACK=0 keeps only the stored weights (no packed second copy)."""
+    return os.environ.get("NOMIC_MOE_CPU_PACK", "1") != "0"
+
+
+def can_run_packed(x) -> bool:
+    """fp32 inference on the CPU, eager: the packed copies hold no autograd history, and a compiler
+    or exporter must see the stored weights, not an opaque oneDNN tensor. The device is asked of
+    Target.of, as everywhere, so that a simulated GPU (doctor, tests) is honoured."""
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+    return (x.dtype == torch.float32 and not torch.is_grad_enabled() and not compiling and not torch.jit.is_tracing()
+            and Target.of(x.device, x.dtype).device == "cpu" and packed_available())
+
+
+class PackCache:
+    """A derived copy of some weights (a packed layout), rebuilt when a weight is replaced, recast or
+    updated in place. Copies of the module (deepcopy, pickle: sentence-transformers' process pool,
+    Ray) start empty: a oneDNN-packed tensor has no storage to copy, and rebuilding is cheap."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, build, *weights):
+        # an inference tensor (made under torch.inference_mode) has no version counter, and cannot change
+        key = tuple((w.data_ptr(), w.dtype, w.device, 0 if w.is_inference() else w._version) for w in weights)
+        if self.key != key:
+            self.key, self.value = None, None  # drop the old copy before building the new one
+            self.value, self.key = build(*weights), key
+        return self.value
+
+    def clear(self):
+        self.key, self.value = None, None
+
+    def __deepcopy__(self, memo):
+        return PackCache()
+
+    def __reduce__(self):
+        return (PackCache, ())
 
 
 def experts_packed(x, routing, packed):

@@ -25,7 +25,6 @@ byte, serves this code, TEI, vLLM and llama.cpp.
 
 import functools
 import importlib.util
-import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -39,15 +38,19 @@ from .configuration_nomic_moe import NomicBertConfig, NomicMoEConfig
 from .cpu_nomic_moe import int8_engine, warn_if_emulated_bf16, why_no_int8
 from .experts_nomic_moe import (
     BACKENDS,
+    PackCache,
     Target,
     auto_choice,
+    can_run_packed,
+    cpu_pack_enabled,
     dispatch_sorted,
     experts_graph,
     experts_packed,
     experts_sorted,
     pack_experts,
+    pack_linear,
     pack_w2,
-    packed_available,
+    packed_linear,
     run_auto,
     run_first,
     why_unavailable,
@@ -167,6 +170,26 @@ def is_exporting() -> bool:
     """True while a graph exporter (TorchScript tracing, torch.onnx, torch.export) runs the model."""
     compiler_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
     return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (compiler_exporting and compiler_exporting()))
+
+
+class NomicMoELinear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) whose fp32 CPU inference uses its weight packed
+    once in oneDNN's layout: F.linear re-lays the weight out in every call, which at a short query's
+    few rows costs about as much as the product (RESULTS.md, "CPU: prepacked weights")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pack_cpu = cpu_pack_enabled()
+        self._pack = PackCache()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pack_cpu and x.dim() == 2 and can_run_packed(x) and self.weight.dtype == torch.float32:
+            return packed_linear(x, self._pack.get(pack_linear, self.weight), self.bias)
+        return super().forward(x)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._pack.clear()  # moved or recast: the packed copy no longer matches
+        return super()._apply(fn, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,8 +339,8 @@ class NomicMoEAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.rope_theta = config.rope_theta
-        self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # rows [q | k | v], head-major
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.Wqkv = NomicMoELinear(config.hidden_size, 3 * config.hidden_size)  # rows [q | k | v], head-major
+        self.out_proj = NomicMoELinear(config.hidden_size, config.hidden_size)
         self.config = config  # read at call time: transformers may switch the implementation after init
         self.last_used = None
 
@@ -347,8 +370,8 @@ class NomicMoEAttention(nn.Module):
 class NomicMoEMLP(nn.Module):
     def __init__(self, config: NomicMoEConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = NomicMoELinear(config.hidden_size, config.intermediate_size)
+        self.fc2 = NomicMoELinear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, packing: Packing):
         return self.fc2(F.gelu(self.fc1(x))), None
@@ -436,7 +459,8 @@ class NomicMoEExperts(nn.Module):
         self.int8 = None  # Int8Experts after quantize_int8()
         # fp32 inference on the CPU packs the expert matrices once in oneDNN's layout (a second copy,
         # 906 MB at the real size); NOMIC_MOE_CPU_PACK=0 keeps only the stored weights
-        self.pack_cpu = os.environ.get("NOMIC_MOE_CPU_PACK", "1") != "0"
+        self.pack_cpu = cpu_pack_enabled()
+        self._pack, self._w2_t = PackCache(), PackCache()
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.int8 is not None:
@@ -444,15 +468,14 @@ class NomicMoEExperts(nn.Module):
             return self.int8(x, routing, dispatch_sorted) + self.bias
         w1, w2 = self.mlp.per_expert()
         target = Target.of(x.device, x.dtype)
-        if target.device == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and self.pack_cpu \
-                and self.implementation == "auto" and auto_choice(target, False) == "sorted" \
-                and packed_available():  # the floor's math with the weights laid out once
-            self.last_used = "sorted (packed)"
-            return experts_packed(x, routing, self._packed(w1, w2)) + self.bias
+        if self.pack_cpu and can_run_packed(x) and w1.dtype == torch.float32 \
+                and self.implementation == "auto" and auto_choice(target, False) == "sorted":
+            self.last_used = "sorted (packed)"  # the floor's math with the weights laid out once
+            return experts_packed(x, routing, self._pack.get(pack_experts, w1, w2)) + self.bias
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled() \
                 and self.implementation in ("auto", "sorted"):
             self.last_used = "sorted"  # half precision on the CPU: w2 packed once as [out, in] rows
-            return experts_sorted(x, routing, w1, w2, self._packed_w2(w2)) + self.bias
+            return experts_sorted(x, routing, w1, w2, self._w2_t.get(pack_w2, w2)) + self.bias
         # the triton kernels have no backward: whenever autograd would record, a differentiable path runs
         training = torch.is_grad_enabled() and (x.requires_grad or self.mlp.w1.requires_grad)
         if self.implementation == "auto":
@@ -464,21 +487,10 @@ class NomicMoEExperts(nn.Module):
         self.last_used = self.implementation
         return BACKENDS[self.implementation](x, routing, w1, w2) + self.bias
 
-    def _packed(self, w1, w2):
-        """pack_experts(w1, w2), made on first use and again only when the weights change."""
-        return self._cached("_pack", pack_experts, w1, w2)
-
-    def _packed_w2(self, w2):
-        """w2 transposed per expert, contiguous, made on first use and again only when w2 changes."""
-        return self._cached("_w2_t", pack_w2, w2)
-
-    def _cached(self, name, build, *weights):
-        """build(*weights), kept as self.<name> until a weight is replaced, recast or updated in place."""
-        key = tuple((w.data_ptr(), w.dtype, w._version) for w in weights)
-        if getattr(self, name + "_key", None) != key:
-            setattr(self, name, build(*weights))
-            setattr(self, name + "_key", key)
-        return getattr(self, name)
+    def _apply(self, fn, *args, **kwargs):
+        self._pack.clear()  # moved or recast: the packed copies no longer match
+        self._w2_t.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         E, I, H = self.mlp.shape

@@ -7,6 +7,12 @@ from nomic_moe_modeling.modeling_nomic_moe import NomicMoEModel
 from test_experts import make_case
 
 
+def set_cpu_pack(model, on: bool):
+    for m in model.modules():
+        if hasattr(m, "pack_cpu"):
+            m.pack_cpu = on
+
+
 def test_packed_w2_fp32_is_exact():
     for case in (dict(N=60), dict(N=1, k=1, E=4), dict(N=90, skew=True), dict(N=0)):
         x, routing, w1, w2 = make_case(**case)
@@ -30,13 +36,13 @@ def test_bf16_model_packs_once_and_repacks_after_a_weight_change(ckpts):
     experts = next(l for l in model.encoder.layers if l.is_moe).mlp.experts
     with torch.no_grad():
         ref = model(input_ids=ids).last_hidden_state.float()
-        first = experts._w2_t
+        first = experts._w2_t.value
         again = model(input_ids=ids).last_hidden_state.float()
-        assert experts._w2_t is first and torch.equal(ref, again)  # packed once, reused
+        assert experts._w2_t.value is first and torch.equal(ref, again)  # packed once, reused
         experts.mlp.w2.mul_(2.0)
         model(input_ids=ids)
-        assert experts._w2_t is not first  # an in-place update is seen
-        torch.testing.assert_close(experts._w2_t, pack_w2(experts.mlp.per_expert()[1]))
+        assert experts._w2_t.value is not first  # an in-place update is seen
+        torch.testing.assert_close(experts._w2_t.value, pack_w2(experts.mlp.per_expert()[1]))
 
 
 # --- fp32: every expert matrix prepacked in oneDNN's layout (experts_packed) ---------------------
@@ -62,20 +68,68 @@ def test_fp32_model_uses_packed_experts_once_and_repacks_after_a_weight_change(c
     with torch.no_grad():
         packed_out = model(input_ids=ids).last_hidden_state
         assert experts.last_used == "sorted (packed)"
-        first = experts._pack
-        assert torch.equal(model(input_ids=ids).last_hidden_state, packed_out) and experts._pack is first
-        for layer in model.encoder.layers:  # the stored weights, unpacked
-            if layer.is_moe:
-                layer.mlp.experts.pack_cpu = False
+        first = experts._pack.value
+        assert torch.equal(model(input_ids=ids).last_hidden_state, packed_out) and experts._pack.value is first
+        set_cpu_pack(model, False)  # the stored weights, unpacked
         plain_out = model(input_ids=ids).last_hidden_state
         assert experts.last_used == "sorted"
         assert (packed_out - plain_out).abs().max().item() <= 1e-5
-        for layer in model.encoder.layers:
-            if layer.is_moe:
-                layer.mlp.experts.pack_cpu = True
+        set_cpu_pack(model, True)
         experts.mlp.w1.mul_(2.0)
         model(input_ids=ids)
-        assert experts._pack is not first  # an in-place update is seen
+        assert experts._pack.value is not first  # an in-place update is seen
     model.train()
     out = model(input_ids=ids).last_hidden_state  # autograd records: the differentiable path, not the packed one
     assert experts.last_used != "sorted (packed)" and out.requires_grad
+
+
+# --- fp32: the attention and dense-MLP matrices prepacked too (NomicMoELinear) --------------------
+
+def test_packed_linear_matches_F_linear():
+    from nomic_moe_modeling.modeling_nomic_moe import NomicMoELinear
+
+    torch.manual_seed(0)
+    for bias in (True, False):
+        lin = NomicMoELinear(96, 160, bias=bias)
+        with torch.no_grad():
+            for n in (1, 8, 33, 700):
+                x = torch.randn(n, 96)
+                ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+                assert (lin(x) - ref).abs().max().item() <= 1e-5
+            assert lin._pack.value is not None and lin(torch.randn(0, 96)).shape == (0, 160)
+            lin.weight.mul_(0.5)  # an in-place update is seen
+            x = torch.randn(5, 96)
+            assert (lin(x) - torch.nn.functional.linear(x, lin.weight, lin.bias)).abs().max().item() <= 1e-5
+    x = torch.randn(4, 96, requires_grad=True)
+    assert lin(x).requires_grad  # autograd records: F.linear, not the packed copy
+
+
+def test_fp32_model_packed_everywhere_matches_unpacked_and_stays_copyable(ckpts):
+    import copy
+    import pickle
+
+    from nomic_moe_modeling.modeling_nomic_moe import NomicMoELinear
+
+    model = NomicMoEModel.from_pretrained(ckpts.converted(num_experts=4, top_k=2, num_layers=4)).eval()
+    keys = set(model.state_dict())
+    ids = torch.randint(3, 400, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    linears = [m for m in model.modules() if isinstance(m, NomicMoELinear)]
+    assert {type(l.attn.Wqkv) for l in model.encoder.layers} == {NomicMoELinear}
+    assert any(not l.is_moe and isinstance(l.mlp.fc1, NomicMoELinear) for l in model.encoder.layers)
+    with torch.no_grad():
+        packed = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert all(l._pack.value is not None for l in linears)
+        set_cpu_pack(model, False)
+        plain = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        set_cpu_pack(model, True)
+        assert (packed - plain).abs().max().item() <= 1e-5
+        # copies start without the opaque packed tensors and rebuild them
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert all(m._pack.value is None for m in clone.modules() if isinstance(m, NomicMoELinear))
+            assert torch.equal(clone(input_ids=ids, attention_mask=mask).last_hidden_state, packed)
+    assert set(model.state_dict()) == keys  # the packed copies are not state
+    model.to(torch.bfloat16)
+    assert all(l._pack.value is None for l in linears)  # a recast drops the stale copies
+    assert next(l for l in model.encoder.layers if l.is_moe).mlp.experts._pack.value is None

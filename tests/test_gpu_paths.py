@@ -140,7 +140,8 @@ def test_expert_kernel_failing_at_first_use_falls_back(small_model, monkeypatch,
     ours = [w for w in caught if "NomicMoE" in str(w.message)]
     assert len(ours) == 1, [str(w.message) for w in caught]
     assert "'triton' expert kernel failed at first use" in str(ours[0].message) and "'sorted'" in str(ours[0].message)
-    assert torch.allclose(first, ref, atol=1e-6) and torch.equal(first, second)
+    # ref ran the prepacked CPU path, the fallback runs the stored weights: the fp32 bar, 1e-5
+    assert torch.allclose(first, ref, atol=1e-5) and torch.allclose(first, second, atol=1e-5)
     assert "last used: sorted" in repr(model)
 
 
