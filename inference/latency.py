@@ -154,6 +154,9 @@ def print_table(result):
     print("\n| engine | dtype | tokens | p50 ms | p99 ms | floor ms (bound) | p50 / floor |")
     print("|---|---|---|---|---|---|---|")
     for r in result["rows"]:
+        if r.get("error"):
+            print(f"| {r['engine']} | {r['dtype']} | {r['tokens']} | {r['error']} | | | |")
+            continue
         floor = f"{r['floor_ms']:.1f} ({r['bound']})" if r.get("floor_ms") else "-"
         ratio = f"{r['x_floor']:.2f}x" if r.get("x_floor") else "-"
         print(f"| {r['engine']} | {r['dtype']} | {r['tokens']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {floor} | {ratio} |")
@@ -173,7 +176,8 @@ def llama_prompt_eval(cmd, tries: int = 12):
     for _ in range(tries):
         r = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
         if r.returncode != 0:
-            raise RuntimeError(f"llama-embedding failed ({r.returncode}): {r.stderr[-2000:]}")
+            how = f"died of signal {-r.returncode}" if r.returncode < 0 else f"exited with {r.returncode}"
+            raise RuntimeError(f"llama-embedding {how}: {r.stderr[-2000:]}")
         m = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", r.stdout + r.stderr)
         if m:
             return float(m.group(1)) / 1e3, int(m.group(2))
@@ -212,11 +216,17 @@ def llama_cpp_rows(threads: int, lengths, repeats: int = 5) -> list:
                 times = []
                 cmd = [str(tools.embedding), "-m", str(gguf), "-t", str(threads), "-fa", "off", "--pooling", "mean",
                        "--embd-normalize", "2", "-lm", "none", "-v", "-p", text]
-                for _ in range(repeats):
-                    seconds, tokens = llama_prompt_eval(cmd)
-                    if tokens != n:  # the same workload as ours, or no row
-                        raise RuntimeError(f"llama.cpp evaluated {tokens} tokens for a {n}-token query")
-                    times.append(seconds)
+                try:
+                    for _ in range(repeats):
+                        seconds, tokens = llama_prompt_eval(cmd)
+                        if tokens != n:  # the same workload as ours, or no row
+                            raise RuntimeError(f"llama.cpp evaluated {tokens} tokens for a {n}-token query")
+                        times.append(seconds)
+                except RuntimeError as e:  # the anchor failing is a result to report, not the end of the run
+                    why = str(e).split(":")[0]
+                    rows.append({"engine": "llama.cpp", "dtype": outtype, "tokens": n, "error": why})
+                    log(f"  llama.cpp {outtype:<5} {n:>4} tokens: {why}")
+                    continue
                 if times:
                     rows.append({"engine": "llama.cpp", "dtype": outtype, "tokens": tokens, "p50_ms": percentile(times, 0.5) * 1e3,
                                  "p99_ms": percentile(times, 0.99) * 1e3})

@@ -38,6 +38,7 @@ from .configuration_nomic_moe import NomicBertConfig, NomicMoEConfig
 from .cpu_nomic_moe import int8_engine, warn_if_emulated_bf16, why_no_int8
 from .experts_nomic_moe import (
     BACKENDS,
+    PACKED_MAX_ROWS,
     PackCache,
     Target,
     auto_choice,
@@ -174,8 +175,9 @@ def is_exporting() -> bool:
 
 class NomicMoELinear(nn.Linear):
     """nn.Linear (same parameters, same state dict) whose fp32 CPU inference uses its weight packed
-    once in oneDNN's layout: F.linear re-lays the weight out in every call, which at a short query's
-    few rows costs about as much as the product (RESULTS.md, "CPU: prepacked weights")."""
+    once in oneDNN's layout, for calls of up to PACKED_MAX_ROWS rows: F.linear re-lays the weight out
+    in every call, which at a short query's few rows costs about as much as the product; at batch
+    sizes the stored layout is as fast or faster (RESULTS.md, "CPU: packed or not, by rows")."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -183,7 +185,8 @@ class NomicMoELinear(nn.Linear):
         self._pack = PackCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pack_cpu and x.dim() == 2 and can_run_packed(x) and self.weight.dtype == torch.float32:
+        if self.pack_cpu and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS and can_run_packed(x) \
+                and self.weight.dtype == torch.float32:
             return packed_linear(x, self._pack.get(pack_linear, self.weight), self.bias)
         return super().forward(x)
 
@@ -471,7 +474,7 @@ class NomicMoEExperts(nn.Module):
         if self.pack_cpu and can_run_packed(x) and w1.dtype == torch.float32 \
                 and self.implementation == "auto" and auto_choice(target, False) == "sorted":
             self.last_used = "sorted (packed)"  # the floor's math with the weights laid out once
-            return experts_packed(x, routing, self._pack.get(pack_experts, w1, w2)) + self.bias
+            return experts_packed(x, routing, lambda: self._pack.get(pack_experts, w1, w2), w1, w2) + self.bias
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled() \
                 and self.implementation in ("auto", "sorted"):
             self.last_used = "sorted"  # half precision on the CPU: w2 packed once as [out, in] rows

@@ -53,7 +53,7 @@ def test_oneDNN_packed_experts_match_the_reference():
     assert packed_available(), "this torch has no oneDNN: the CPU fast path would never run"
     for case in (dict(N=60), dict(N=1, k=1, E=4), dict(N=90, skew=True), dict(N=700), dict(N=0)):
         x, routing, w1, w2 = make_case(**case)
-        got = experts_packed(x, routing, pack_experts(w1, w2))
+        got = experts_packed(x, routing, lambda: pack_experts(w1, w2), w1, w2)  # N=700: long segments, stored weights
         ref = BACKENDS["eager"](x, routing, w1, w2)
         assert got.shape == ref.shape
         if ref.numel():
@@ -102,6 +102,11 @@ def test_packed_linear_matches_F_linear():
             assert (lin(x) - torch.nn.functional.linear(x, lin.weight, lin.bias)).abs().max().item() <= 1e-5
     x = torch.randn(4, 96, requires_grad=True)
     assert lin(x).requires_grad  # autograd records: F.linear, not the packed copy
+    big = NomicMoELinear(96, 160)
+    with torch.no_grad():
+        x = torch.randn(700, 96)
+        assert torch.equal(big(x), torch.nn.functional.linear(x, big.weight, big.bias))
+    assert big._pack.value is None  # batch-sized calls keep the stored layout, and make no packed copy
 
 
 def test_fp32_model_packed_everywhere_matches_unpacked_and_stays_copyable(ckpts):
