@@ -227,8 +227,7 @@ def llama_cpp_rows(threads: int, lengths, repeats: int = 5) -> list:
                     rows.append({"engine": "llama.cpp", "dtype": outtype, "tokens": n, "error": why})
                     log(f"  llama.cpp {outtype:<5} {n:>4} tokens: {why}")
                     continue
-                if times:
-                    rows.append({"engine": "llama.cpp", "dtype": outtype, "tokens": tokens, "p50_ms": percentile(times, 0.5) * 1e3,
-                                 "p99_ms": percentile(times, 0.99) * 1e3})
-                    log(f"  llama.cpp {outtype:<5} {tokens:>4} tokens: p50 {rows[-1]['p50_ms']:.1f} ms")
+                rows.append({"engine": "llama.cpp", "dtype": outtype, "tokens": tokens, "p50_ms": percentile(times, 0.5) * 1e3,
+                             "p99_ms": percentile(times, 0.99) * 1e3})
+                log(f"  llama.cpp {outtype:<5} {tokens:>4} tokens: p50 {rows[-1]['p50_ms']:.1f} ms")
     return rows

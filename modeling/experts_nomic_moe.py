@@ -82,10 +82,13 @@ def experts_sorted(x, routing, w1, w2, w2_t=None):
     """``w2_t``: optional [E, H, I] contiguous copy of w2 transposed (pack_w2), so that both products
     take their weight as [out, in] rows, the layout oneDNN's bf16 GEMM wants: with w2 as stored, a bf16
     product on a CPU without native bf16 was 17x slower (RESULTS.md, "CPU: per-call weight layout")."""
-    def ffn(e, rows):
-        h = F.gelu(F.linear(rows, w1[e]))
-        return F.linear(h, w2_t[e]) if w2_t is not None else h @ w2[e]
-    return dispatch_sorted(x, routing, w1.shape[0], ffn)
+    return dispatch_sorted(x, routing, w1.shape[0], lambda e, rows: expert_ffn(rows, w1, w2, e, w2_t))
+
+
+def expert_ffn(rows, w1, w2, e, w2_t=None):
+    """Expert e on its rows with the stored weights (w2_t: w2 packed by pack_w2)."""
+    h = F.gelu(F.linear(rows, w1[e]))
+    return F.linear(h, w2_t[e]) if w2_t is not None else h @ w2[e]
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,9 +107,7 @@ def pack_experts(w1, w2):
     few rows per expert of a short query that re-layout costs as much as the product (1.6-1.8x at
     8 rows, RESULTS.md "CPU: prepacked expert weights"). The packed product is the same sum.
     """
-    ups = [torch.ops.mkldnn._reorder_linear_weight(w1[e].contiguous(), PACK_HINT) for e in range(w1.shape[0])]
-    downs = [torch.ops.mkldnn._reorder_linear_weight(w2[e].T.contiguous(), PACK_HINT) for e in range(w2.shape[0])]
-    return ups, downs
+    return [pack_linear(w1[e]) for e in range(w1.shape[0])], [pack_linear(w2[e].T) for e in range(w2.shape[0])]
 
 
 def pack_linear(w):
@@ -168,7 +169,7 @@ def experts_packed(x, routing, packs, w1, w2):
     same dispatch, same math; a long segment takes the stored weights, as experts_sorted does."""
     def ffn(e, rows):
         if rows.shape[0] > PACKED_MAX_ROWS:
-            return F.gelu(F.linear(rows, w1[e])) @ w2[e]
+            return expert_ffn(rows, w1, w2, e)
         ups, downs = packs()
         return packed_linear(F.gelu(packed_linear(rows, ups[e])), downs[e])
     return dispatch_sorted(x, routing, w1.shape[0], ffn)
