@@ -1,6 +1,11 @@
 """Closed-loop load against embedding servers on 127.0.0.1: ours, and the anchors, same folder, same workload.
 
     python benchmarks/serve_bench.py MODEL_DIR [--servers ours:float32,ours:bfloat16,infinity,llama.cpp:f32] [--seconds 20]
+        [--scenarios mixed,queries,documents] [--rounds N]
+
+A server spec may carry extra flags for our server after an @, comma-separated: `ours:float32@--bulk-share=0.5`.
+`--rounds N` runs the whole list N times, servers interleaved, so a VM whose speed drifts by the
+minute treats every server alike.
 
 Scenarios (each client sends a request, waits for the answer, sends the next):
   mixed      2 document clients (8 documents of 100-400 tokens per request) + 6 query clients (one
@@ -67,11 +72,11 @@ class Texts:
         return [self.make(lo, hi) for _ in range(n)]
 
 
-def start(kind, model_dir, dtype, port, logfile):
+def start(kind, model_dir, dtype, port, logfile, extra=()):
     env = dict(os.environ, OMP_NUM_THREADS="2", DO_NOT_TRACK="1", INFINITY_ANONYMOUS_USAGE_STATS="0")
     if kind == "ours":
         cmd = [str(HERE.parent / ".venv/bin/nomic-moe"), "serve", str(model_dir), "--port", str(port), "--threads", "2",
-               "--dtype", dtype, "--served-model-name", "bench"]
+               "--dtype", dtype, "--served-model-name", "bench", *extra]
     elif kind == "infinity":
         venv = Path(os.environ.get("INFINITY_VENV", Path.home() / ".cache/nomic-moe/infinity-venv"))
         cmd = [str(venv / "bin/infinity_emb"), "v2", "--model-id", str(model_dir), "--served-model-name", "bench", "--port", str(port),
@@ -167,6 +172,38 @@ def scenario(kind, url, name, clients, seconds, queries, docs):
     return rows
 
 
+def bench_server(a, spec, round_, chosen, queries, docs):
+    """Start one server (a --servers entry), run the chosen scenarios against it, stop it."""
+    spec, _, extra = spec.partition("@")
+    kind, _, dtype = spec.partition(":")
+    label = (f"{kind}:{dtype}" if dtype else kind) + (f" {extra.replace(',', ' ')}" if extra else "")
+    logfile = Path(a.out).with_name(f"{label.replace(':', '-').replace(' ', '_')}.log")
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    log(f"round {round_}: starting {label} (log {logfile})")
+    flags = [f for part in extra.split(",") if part for f in part.split("=", 1)]
+    proc, url = start(kind, a.model_dir, dtype or ("f32" if kind == "llama.cpp" else "float32"), free_port(), logfile, flags)
+    rows = []
+    try:
+        scenario(kind, url, "warm-up", [("query", 1), ("document", 1)], 5, queries, docs)
+        plan = [("mixed", [("document", 1)] * 2 + [("query", 1)] * 6, 3 * a.seconds)] if "mixed" in chosen else []
+        if "queries" in chosen:
+            plan += [(f"queries x{c}", [("query", 1)] * int(c), a.seconds) for c in a.query_clients.split(",") if c]
+        if "documents" in chosen:
+            plan += [(f"documents x{c}", [("document", 1)] * int(c), a.seconds) for c in a.doc_clients.split(",") if c]
+        for name, clients, seconds in plan:
+            for r in scenario(kind, url, name, clients, seconds, queries, docs):
+                r["server"] = label
+                r["round"] = round_
+                rows.append(r)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("model_dir")
@@ -174,38 +211,24 @@ def main():
     p.add_argument("--seconds", type=float, default=20, help="per scenario (mixed runs 3x this)")
     p.add_argument("--query-clients", default="1,4,16,64")
     p.add_argument("--doc-clients", default="1,4")
+    p.add_argument("--scenarios", default="mixed,queries,documents", help="which of mixed, queries, documents to run")
+    p.add_argument("--rounds", type=int, default=1, help="run the server list this many times, interleaved")
     p.add_argument("--out", default=str(HERE / "out/serve_bench.json"))
     a = p.parse_args()
+    chosen = set(a.scenarios.split(","))
+    if chosen - {"mixed", "queries", "documents"}:
+        raise SystemExit(f"unknown scenario in --scenarios {a.scenarios}: use mixed, queries, documents")
     texts = Texts(a.model_dir)
     queries, docs = texts.pool(400, 12, 40), texts.pool(400, 100, 400)
     rows = []
-    for spec in a.servers.split(","):
-        kind, _, dtype = spec.partition(":")
-        label = f"{kind}:{dtype}" if dtype else kind
-        logfile = Path(a.out).with_name(f"{label.replace(':', '-')}.log")
-        logfile.parent.mkdir(parents=True, exist_ok=True)
-        log(f"starting {label} (log {logfile})")
-        proc, url = start(kind, a.model_dir, dtype or ("f32" if kind == "llama.cpp" else "float32"), free_port(), logfile)
-        try:
-            scenario(kind, url, "warm-up", [("query", 1), ("document", 1)], 5, queries, docs)
-            plan = [("mixed", [("document", 1)] * 2 + [("query", 1)] * 6, 3 * a.seconds)]
-            plan += [(f"queries x{c}", [("query", 1)] * int(c), a.seconds) for c in a.query_clients.split(",") if c]
-            plan += [(f"documents x{c}", [("document", 1)] * int(c), a.seconds) for c in a.doc_clients.split(",") if c]
-            for name, clients, seconds in plan:
-                for r in scenario(kind, url, name, clients, seconds, queries, docs):
-                    r["server"] = label
-                    rows.append(r)
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+    for round_ in range(1, a.rounds + 1):
+        for spec in a.servers.split(","):
+            rows += bench_server(a, spec, round_, chosen, queries, docs)
     Path(a.out).write_text(json.dumps(rows, indent=2))
-    print("| server | scenario | kind | texts/s | tokens/s | p50 ms | p95 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| round | server | scenario | kind | texts/s | tokens/s | p50 ms | p95 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['server']} | {r['scenario']} | {r['kind']} | {r['texts_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+        print(f"| {r['round']} | {r['server']} | {r['scenario']} | {r['kind']} | {r['texts_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
               f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |")
 
 

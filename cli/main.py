@@ -191,7 +191,7 @@ def cmd_serve(a):
               + ("" if a.api_key else " and has no --api-key"), file=sys.stderr)
     return serve(Settings(model=a.model, host=a.host, port=a.port, served_model_name=a.served_model_name, dtype=a.dtype,
                           device=a.device, onnx=a.onnx, provider=a.provider, threads=a.threads, max_batch_tokens=a.max_batch_tokens,
-                          batch_seconds=a.batch_seconds, max_queue_tokens=a.max_queue_tokens, query_tokens=a.query_tokens,
+                          batch_seconds=a.batch_seconds, bulk_share=a.bulk_share, max_queue_tokens=a.max_queue_tokens, query_tokens=a.query_tokens,
                           request_timeout=a.request_timeout, api_key=a.api_key or os.environ.get("NOMIC_MOE_API_KEY"),
                           engine=a.engine, replicas=a.replicas, cpus_per_replica=a.cpus_per_replica))
 
@@ -373,8 +373,11 @@ def build_parser():
     sv.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider, with --onnx")
     sv.add_argument("--threads", type=int, help="torch / ONNX Runtime threads")
     sv.add_argument("--max-batch-tokens", type=int, help="real tokens per forward pass (default: sized at warm-up to --batch-seconds)")
-    sv.add_argument("--batch-seconds", type=float, default=1.0,
-                    help="target time of one batch when sizing the budget (default 1.0): a query waits at most about this long behind bulk work")
+    sv.add_argument("--batch-seconds", type=float,
+                    help="target time of one batch when sizing the budget (default 4 with PyTorch, where queries run between two "
+                         "layers of a bulk batch; 1 with --onnx, where a query waits for the batch ahead of it)")
+    sv.add_argument("--bulk-share", type=float, default=0.75,
+                    help="share of model time bulk work keeps while queries come back to back (default 0.75; 0 = queries always first)")
     sv.add_argument("--max-queue-tokens", type=int, help="tokens the queue may hold before 429 (default 32 batches)")
     sv.add_argument("--query-tokens", type=int, default=256, help="requests up to this many tokens go in the query lane (default 256)")
     sv.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take in all (504 after)")

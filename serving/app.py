@@ -281,7 +281,10 @@ def create_app(engine: Engine) -> FastAPI:
                 "max_batch_tokens": engine.batcher.max_batch_tokens if engine.batcher else None,
                 "max_queue_tokens": engine.batcher.max_queue_tokens if engine.batcher else None,
                 "warmup_tokens_per_second": engine.rate, "max_client_batch_size": s.max_inputs,
-                "query_lane_tokens": s.query_tokens, "pid": os.getpid()}
+                "query_lane_tokens": s.query_tokens,
+                "batching": ("queries between layers of bulk batches" if engine.preempt else "queries first at batch boundaries")
+                if engine.batcher else None,
+                "bulk_share": s.bulk_share if engine.batcher and engine.preempt else None, "pid": os.getpid()}
 
     @app.get("/health", responses={503: {"description": "loading, draining or failed"}})
     async def health():

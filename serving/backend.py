@@ -10,6 +10,7 @@ PyTorch backends also count, per MoE layer, how many (token, slot) pairs each ex
 the server publishes the share as a metric.
 """
 
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -55,6 +56,8 @@ class TorchBackend:
         self.moe_layers = [i for i, layer in enumerate(model.encoder.layers) if layer.is_moe]
         self.expert_pairs = np.zeros((len(self.moe_layers), model.config.num_experts), dtype=np.int64)
         self._pending = []  # routing counts of the running forward pass (device tensors)
+        self._model_module = sys.modules[type(model).__module__]
+        self._packing_cls = self._model_module.Packing  # the model file's own token packing
         for layer in model.encoder.layers:
             if layer.is_moe:
                 layer.mlp.register_forward_hook(self._record_routing)
@@ -65,17 +68,40 @@ class TorchBackend:
             self._pending.append(routing.counts)
 
     def embed(self, inputs: List[List[int]]) -> np.ndarray:
-        torch = self.torch
+        steps = self.embed_steps(inputs)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def embed_steps(self, inputs: List[List[int]]):
+        """The model's forward pass one layer at a time: a generator that yields after each layer and
+        returns the pooled [n, H] float32. Between two yields the caller may run other batches (the
+        query lane preempting bulk work); the same ops as NomicMoEModel.forward, so the same vectors."""
+        torch, model = self.torch, self.model
         ids, mask = pad_batch(inputs, list(range(len(inputs))), self.pad_id)
-        self._pending = []
+        pending = []  # this batch's routing counts: a preempting batch in between keeps its own
+        self._pending = pending
         with torch.inference_mode():
             t, m = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
-            hidden = self.model(input_ids=t, attention_mask=m).last_hidden_state  # [B, S, H], zero at padding
+            model._check_inputs(t, m, None)
+            packing = self._packing_cls.from_mask(m)
+            packed = packing.pack(t)  # [N]
+            x = model.emb_ln(model.embeddings(packed, torch.zeros_like(packed)))  # [N, H]
+            if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+                self._model_module.warn_if_emulated_bf16(x.dtype)  # once per process, as the model's forward
+        for layer in model.encoder.layers:
+            with torch.inference_mode():
+                self._pending = pending
+                x, _ = layer(x, packing)
+            yield
+        with torch.inference_mode():
+            hidden = packing.unpack(x)  # [B, S, H], zero at padding
             mf = m.to(hidden.dtype).unsqueeze(-1)
             pooled = ((hidden * mf).sum(1).float() / mf.sum(1).float().clamp(min=1e-9)).cpu().numpy()
-            if len(self._pending) == len(self.moe_layers):
-                self.expert_pairs += torch.stack(self._pending).cpu().numpy()
-        self._pending = []
+            if len(pending) == len(self.moe_layers):
+                self.expert_pairs += torch.stack(pending).cpu().numpy()
         return pooled
 
     def backends(self) -> Dict[str, Optional[str]]:

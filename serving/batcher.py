@@ -1,11 +1,20 @@
 """The queue and the batcher: requests from every client packed into forward passes by real tokens.
 
 Two lanes. A short interactive request (a query) goes in the `query` lane, everything else in
-`bulk`. At every batch boundary the batcher takes queries first, then fills the rest of the token
-budget from bulk work, so a query waits at most for the one batch already running. A request
-larger than the budget is served in chunks of whole inputs, one chunk per batch, so no request
-holds the model for longer than one batch. Bulk work is never starved: after `starve_after`
-batches without any bulk token, the next batch starts with bulk work.
+`bulk`. A request larger than the budget is served in chunks of whole inputs, one chunk per batch,
+so no request holds the model for longer than one batch. Bulk work is never starved: after
+`starve_after` batches without any bulk token, the next batch starts with bulk work.
+
+Two ways to keep queries ahead of ingestion, by what the model worker can do:
+  mixed   (a backend that runs a batch whole, e.g. an ONNX graph) at every batch boundary the
+          batcher takes queries first and tops the batch up with a little bulk work, so a query
+          waits at most for the one batch already running;
+  preempt (a backend that runs a batch layer by layer) each batch holds one lane only. Between two
+          layers of a bulk batch the worker asks `take_queries` and runs the queries' batch whole,
+          so a query waits for one layer of bulk work, not one batch. Bulk batches can then be
+          long, where a CPU runs them fastest. When queries come back to back, `bulk_share` of
+          the model's time stays with bulk work: a query batch runs only after bulk has run for
+          bulk_share / (1 - bulk_share) times the last query batch's time.
 
 Work whose client went away, or whose deadline passed, is dropped here, before it costs model time.
 
@@ -75,12 +84,24 @@ class Batch:
     def requests(self) -> int:
         return len(self.parts)
 
+    @property
+    def lane(self) -> str:
+        """"query" or "bulk"; "mixed" for a mixed-mode batch that holds both."""
+        lanes = {job.lane for job, _, _ in self.parts}
+        return lanes.pop() if len(lanes) == 1 else "mixed"
+
 
 class Batcher:
     def __init__(self, max_batch_tokens: int, max_queue_tokens: int, starve_after: int = 4, mixed_fraction: float = 0.25,
-                 clock=time.monotonic):
+                 preempt: bool = False, bulk_share: float = 0.75, clock=time.monotonic):
+        if not 0 <= bulk_share < 1:
+            raise ValueError(f"bulk_share must be in [0, 1), got {bulk_share}")
         self.max_batch_tokens = max_batch_tokens
-        self.mixed_fraction = mixed_fraction  # share of the budget a batch with queries in it may fill in all
+        self.mixed_fraction = mixed_fraction  # mixed mode: share of the budget a batch with queries in it may fill in all
+        self.preempt = preempt
+        self.bulk_share = bulk_share
+        self.last_query_seconds = 0.0  # model time of the last query batch: what bulk must run before the next one
+        self.preemptions = 0
         self.max_queue_tokens = max_queue_tokens
         self.starve_after = starve_after
         self.clock = clock
@@ -138,8 +159,25 @@ class Batcher:
                     return None
                 self._cv.wait(wait)
 
+    def take_queries(self, bulk_seconds: float) -> Optional[Batch]:
+        """Preempt mode, between two layers of a bulk batch that has run `bulk_seconds` since the last
+        query batch: a batch of queued queries to run now, or None (none waiting, or bulk's share not yet run)."""
+        with self._cv:
+            self._drop_stale()
+            if not self.lanes["query"]:
+                return None
+            if bulk_seconds < self.bulk_share / (1 - self.bulk_share) * self.last_query_seconds:
+                return None
+            self.preemptions += 1
+            starved = self._batches_without_bulk  # a bulk batch is running: this one does not count as bulk waiting
+            batch = self._fill(("query",))
+            self._batches_without_bulk = starved
+            return batch
+
     def complete(self, batch: Batch, vectors: np.ndarray, seconds: float) -> None:
         """Hands each job its rows of the batch's output; jobs with every input done are notified."""
+        if batch.lane == "query":
+            self.last_query_seconds = seconds
         row = 0
         for job, lo, hi in batch.parts:
             if job.finished < 0:  # dropped or failed while this chunk ran: its owner has its answer
@@ -181,12 +219,14 @@ class Batcher:
                 self.dropped[why] += 1
                 job.notify(Dropped(why))
 
-    def _fill(self) -> Batch:
+    def _fill(self, lanes: Tuple[str, ...] = LANES) -> Batch:
         budget = self.max_batch_tokens
         parts: List[Tuple[Job, int, int]] = []
-        order = list(LANES)
+        order = list(lanes)
         if self.lanes["bulk"] and self._batches_without_bulk >= self.starve_after:
             order.reverse()  # bulk has waited long enough: it goes first this once
+        if self.preempt:  # one lane per batch: the first in order that has work
+            order = [next(lane for lane in order if self.lanes[lane])]
         took_bulk = took_query = False
         for lane in order:
             q = self.lanes[lane]

@@ -30,6 +30,8 @@ from .prompts import Prompts
 from .settings import Settings
 
 MIN_BATCH_TOKENS, MAX_BATCH_TOKENS = MAX_SEQ_LENGTH, 16384
+WHOLE_BATCH_SECONDS = 1.0  # default batch length where a query waits for the whole batch ahead of it
+PREEMPT_BATCH_SECONDS = 4.0  # where it waits for one layer of it (1/12)
 
 
 def log(msg: str) -> None:
@@ -57,6 +59,8 @@ class Engine:
         else:
             checks.model_folder(self.model_dir)
         self.config = checks.model_config(self.model_dir)
+        if not 0 <= s.bulk_share < 1:
+            raise UserError(f"--bulk-share {s.bulk_share} is outside [0, 1)", "give the share of model time bulk work keeps, e.g. 0.75")
         st = checks.read_json(self.model_dir / "config_sentence_transformers.json", "sentence-transformers config") \
             if (self.model_dir / "config_sentence_transformers.json").exists() else {}
         self.prompts = Prompts(st.get("prompts", {}), st.get("default_prompt_name") or "document")
@@ -70,6 +74,7 @@ class Engine:
         self.tokenizer = None
         self.batcher: Optional[Batcher] = None
         self.rate: Optional[float] = None  # tokens/s measured at warm-up
+        self.preempt = False  # set at load: whether queries run between two layers of a bulk batch
         self.metrics = Metrics(self)
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._thread: Optional[threading.Thread] = None
@@ -124,11 +129,18 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), trust_remote_code=True)
         self.backend = load_backend(self.model_dir, self.dtype, s.device, s.onnx, s.provider, s.threads)
         self.rate = warm_up(self.backend)
-        budget = s.max_batch_tokens or int(min(MAX_BATCH_TOKENS, max(MIN_BATCH_TOKENS, self.rate * s.batch_seconds)))
+        # a backend that runs layer by layer lets queries in between two layers of a bulk batch, so
+        # bulk batches can be long (a CPU runs long batches fastest); one that runs a batch whole
+        # keeps batches short, because a query waits for the whole batch ahead of it
+        self.preempt = hasattr(self.backend, "embed_steps")
+        self.batch_seconds = s.batch_seconds or (PREEMPT_BATCH_SECONDS if self.preempt else WHOLE_BATCH_SECONDS)
+        budget = s.max_batch_tokens or int(min(MAX_BATCH_TOKENS, max(MIN_BATCH_TOKENS, self.rate * self.batch_seconds)))
         if budget < MAX_SEQ_LENGTH:
             raise UserError(f"--max-batch-tokens {budget} is below one text's limit ({MAX_SEQ_LENGTH} tokens)",
                             f"use at least {MAX_SEQ_LENGTH}")
-        self.batcher = Batcher(budget, s.max_queue_tokens or 32 * budget)
+        self.batcher = Batcher(budget, s.max_queue_tokens or 32 * budget, preempt=self.preempt, bulk_share=s.bulk_share)
+        # a query-prompt request goes in the query lane while it is about a second of work: its batch is never preempted
+        self.query_request_tokens = min(budget, max(MIN_BATCH_TOKENS, int(self.rate * WHOLE_BATCH_SECONDS)))
         self.batcher.tokens_per_second = self.rate
         if self.state == "loading":
             self.state = "ready"
@@ -136,32 +148,71 @@ class Engine:
         self.log(f"ready in {time.time() - t0:.1f}s: model {self.name} (revision {self.revision}), "
                  f"{self.backend.kind} {self.backend.dtype_name if s.onnx else self.dtype} on {s.provider if s.onnx else s.device}, "
                  f"attention {b['attention']}, experts {b['experts']}; warm-up {self.rate:,.0f} tokens/s, "
-                 f"batch budget {budget} tokens ({'set' if s.max_batch_tokens else f'{s.batch_seconds:g} s of work'}), "
-                 f"queue budget {self.batcher.max_queue_tokens} tokens")
+                 f"batch budget {budget} tokens ({'set' if s.max_batch_tokens else f'{self.batch_seconds:g} s of work'}), "
+                 f"queue budget {self.batcher.max_queue_tokens} tokens, "
+                 + (f"queries between layers of bulk batches (bulk keeps {s.bulk_share:.0%} of the time)" if self.preempt
+                    else "queries first at every batch boundary"))
 
     def _serve_batches(self) -> None:
         while True:
             batch = self.batcher.next_batch()
             if batch is None:
                 return
-            inputs = batch.inputs()
+            if self.preempt and batch.lane == "bulk":
+                self._run_bulk(batch)
+            else:
+                self._run(batch)
+
+    def _run(self, batch) -> None:
+        """One batch, whole."""
+        inputs = batch.inputs()
+        t0 = time.perf_counter()
+        try:
+            vectors = self.backend.embed(inputs)
+        except Exception as e:  # noqa: BLE001 - our bug, not the client's: those jobs get a 500, the server goes on
+            self._failed(batch, e)
+            return
+        self._done(batch, vectors, time.perf_counter() - t0)
+
+    def _run_bulk(self, batch) -> None:
+        """A bulk batch layer by layer; between two layers, the queries waiting run first (Batcher.take_queries)."""
+        steps = self.backend.embed_steps(batch.inputs())
+        model_seconds = since_queries = 0.0
+        while True:
             t0 = time.perf_counter()
             try:
-                vectors = self.backend.embed(inputs)
-            except Exception as e:  # noqa: BLE001 - our bug, not the client's: those jobs get a 500, the server goes on
-                self.log(f"a batch of {len(inputs)} inputs failed: {type(e).__name__}: {e}")
-                self.batcher.fail(batch, e)
-                continue
-            seconds = time.perf_counter() - t0
-            tokens = sum(len(x) for x in inputs)
-            self.batcher.complete(batch, vectors, seconds)
-            self.metrics.observe_batch(tokens, batch.requests, len(inputs), seconds)
-            for job, _, _ in batch.parts:
-                if job.first_batch is not None and job.next == len(job.ids) and job.finished == len(job.ids):
-                    self.metrics.queue_seconds.labels(job.lane).observe(job.first_batch - job.enqueued)
-                    self.metrics.inference_seconds.labels(job.lane).observe(job.infer_seconds)
-            # smoothed, for Retry-After
-            self.batcher.tokens_per_second = 0.8 * self.batcher.tokens_per_second + 0.2 * tokens / max(seconds, 1e-9)
+                next(steps)
+            except StopIteration as done:
+                model_seconds += time.perf_counter() - t0
+                self._done(batch, done.value, model_seconds)
+                return
+            except Exception as e:  # noqa: BLE001 - as in _run
+                self._failed(batch, e)
+                return
+            step = time.perf_counter() - t0
+            model_seconds += step
+            since_queries += step
+            queries = self.batcher.take_queries(since_queries)
+            if queries is not None:
+                self.metrics.preemptions.inc()
+                self._run(queries)
+                since_queries = 0.0
+
+    def _failed(self, batch, error: Exception) -> None:
+        self.log(f"a batch of {len(batch.inputs())} inputs failed: {type(error).__name__}: {error}")
+        self.batcher.fail(batch, error)
+
+    def _done(self, batch, vectors, model_seconds: float) -> None:
+        """model_seconds: this batch's own model time, without the query batches that ran inside it."""
+        tokens = batch.tokens
+        self.batcher.complete(batch, vectors, model_seconds)
+        self.metrics.observe_batch(tokens, batch.requests, len(batch.inputs()), model_seconds)
+        for job, _, _ in batch.parts:
+            if job.first_batch is not None and job.next == len(job.ids) and job.finished == len(job.ids):
+                self.metrics.queue_seconds.labels(job.lane).observe(job.first_batch - job.enqueued)
+                self.metrics.inference_seconds.labels(job.lane).observe(job.infer_seconds)
+        # smoothed, for Retry-After
+        self.batcher.tokens_per_second = 0.8 * self.batcher.tokens_per_second + 0.2 * tokens / max(model_seconds, 1e-9)
 
     # ---- what the routes use ------------------------------------------------------------------
 
@@ -192,7 +243,7 @@ class Engine:
         tokens = sum(len(x) for x in ids)
         if tokens <= self.settings.query_tokens:
             return "query"
-        if prompt == "query" and tokens <= self.batcher.max_batch_tokens:
+        if prompt == "query" and tokens <= self.query_request_tokens:
             return "query"
         return "bulk"
 

@@ -117,3 +117,52 @@ def test_prompts_never_add_a_second_prefix():
     assert p.resolve("search_query") == "query" and p.resolve("Query") == "query"
     with pytest.raises(KeyError):
         p.resolve("nope")
+
+
+def test_preempt_mode_keeps_one_lane_per_batch_and_queries_first():
+    b = Batcher(max_batch_tokens=100, max_queue_tokens=10_000, preempt=True, clock=Clock())
+    b.submit(job([10, 10, 40, 40], "bulk"))
+    b.submit(job([10], "query"))
+    first = b.next_batch(0)
+    assert first.lane == "query" and first.tokens == 10  # no bulk top-up: a query batch stays short
+    run(b, first)
+    second = b.next_batch(0)
+    assert second.lane == "bulk" and second.tokens == 100  # the whole budget, queries or not
+    assert Batcher(max_batch_tokens=100, max_queue_tokens=10_000, clock=Clock()).preempt is False
+
+
+def test_take_queries_between_layers_keeps_bulk_its_share():
+    b = Batcher(max_batch_tokens=100, max_queue_tokens=10_000, preempt=True, bulk_share=0.75, clock=Clock())
+    b.submit(job([50, 50, 50], "bulk"))
+    bulk = b.next_batch(0)
+    assert bulk.lane == "bulk"
+    assert b.take_queries(bulk_seconds=0.1) is None  # no query waiting
+    log = []
+    b.submit(job([12], "query", log=log, name="q1"))
+    q1 = b.take_queries(bulk_seconds=0.1)  # no query batch ran yet: the query goes at once
+    assert q1 is not None and q1.lane == "query" and b.preemptions == 1
+    b.complete(q1, np.zeros((1, 2), np.float32), 1.0)  # that query batch took 1 s
+    assert log == [("q1", None)]
+    b.submit(job([12], "query", log=log, name="q2"))
+    # bulk keeps 75% of the time: 3 s of bulk work (0.75 / 0.25 x 1 s) before the next query batch
+    assert b.take_queries(bulk_seconds=2.9) is None
+    q2 = b.take_queries(bulk_seconds=3.0)
+    assert q2 is not None and q2.parts[0][0].ids == [[7] * 12]
+    # a query batch inside a bulk batch does not count as a batch that left bulk waiting
+    assert b._batches_without_bulk == 0
+    greedy = Batcher(max_batch_tokens=100, max_queue_tokens=10_000, preempt=True, bulk_share=0.0, clock=Clock())
+    greedy.last_query_seconds = 5.0
+    greedy.submit(job([12], "query"))
+    assert greedy.take_queries(bulk_seconds=0.0) is not None  # share 0: queries always first
+    with pytest.raises(ValueError, match="bulk_share"):
+        Batcher(max_batch_tokens=100, max_queue_tokens=10_000, bulk_share=1.0)
+
+
+def test_take_queries_drops_stale_queries_first():
+    clock = Clock()
+    b = Batcher(max_batch_tokens=100, max_queue_tokens=10_000, preempt=True, clock=clock)
+    log = []
+    b.submit(job([12], "query", deadline=1, log=log, name="late"))
+    clock.t = 2
+    assert b.take_queries(bulk_seconds=10) is None
+    assert [(name, type(err)) for name, err in log] == [("late", Dropped)]

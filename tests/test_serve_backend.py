@@ -1,0 +1,46 @@
+"""The server's PyTorch backend: a bulk batch run layer by layer, with a query batch run in between,
+gives the vectors of the model's own forward pass (so preemption changes no vector)."""
+
+import numpy as np
+import torch
+
+from nomic_moe_serving.backend import TorchBackend
+
+
+def texts(rng, lengths):
+    return [[0] + rng.integers(5, 200, n - 2).tolist() + [2] for n in lengths]
+
+
+def reference(model, inputs):
+    """The model's forward, then a plain mean over each text's tokens."""
+    out = []
+    with torch.no_grad():
+        for ids in inputs:
+            t = torch.tensor([ids])
+            hidden = model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state[0]
+            out.append(hidden.mean(0).numpy())
+    return np.stack(out)
+
+
+def test_layer_steps_with_a_query_batch_in_between_match_the_model(ckpts):
+    b = TorchBackend(ckpts.converted(), threads=1)
+    rng = np.random.default_rng(0)
+    bulk, queries = texts(rng, [40, 7, 90, 23]), texts(rng, [9, 12])
+    steps = b.embed_steps(bulk)
+    layers = 0
+    q = None
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            bulk_vectors = done.value
+            break
+        layers += 1
+        if layers == 1:
+            q = b.embed(queries)  # the query lane preempts after the first layer
+    assert layers == len(b.model.encoder.layers)
+    np.testing.assert_allclose(bulk_vectors, reference(b.model, bulk), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(q, reference(b.model, queries), atol=1e-5, rtol=0)
+    # each batch's routing counts land once: every MoE layer saw 2 slots per real token of both batches
+    tokens = sum(len(x) for x in bulk + queries)
+    assert (b.expert_pairs.sum(1) == 2 * tokens).all(), b.expert_pairs.sum(1)
