@@ -127,7 +127,8 @@ def print_report(r: dict) -> None:
         flags = " ".join(f for f, on in c["flags"].items() if on)
         print(f"cpu        {c['isa']} (torch capability {c['torch_capability']}; flags {flags})")
     print(f"           auto dtype {c['dtype']} ({'native bf16' if c['bf16_native'] else 'bf16 not native: fp32 is the fast float'}), "
-          f"int8 kernel {c['int8_kernel'] or 'none'}: {c['int8_why']}")
+          f"int8 kernel {c['int8_kernel'] or 'none'}: {c['int8_why']}"
+          + ("; per-token activations (quantize_int8(activations='per_token')) use torch._int_mm" if c["int8_kernel"] else ""))
     print(f"dtype      {r['dtype']}")
     print(f"attention  {r['attention']['kernel']}: {r['attention']['why']}")
     for c in r["attention"]["candidates"][1:]:

@@ -7,16 +7,25 @@
   mlp        fc1 and fc2 of the dense layers
 
 The router, the LayerNorms, the embeddings and pooling stay in float (fp32), and so does every
-activation between the matrices. Each int8 matrix is one `torch.ops.quantized.linear_dynamic`
-call: the activations are quantized to u8 per call (per tensor, full range: reduce_range=False),
-multiplied with s8 weights (symmetric, one scale per output channel) into s32, and dequantized
-to fp32 with the bias added.
+activation between the matrices. Weights are s8, symmetric, one scale per output channel. The
+activations are quantized on the fly, two ways (`activations=`):
 
-The kernel comes from torch's quantized engines, chosen by the CPU's row of the ISA table
-(cpu_nomic_moe.CPU_TABLE): oneDNN on AMX, FBGEMM on AVX-512 and AVX2. torch marks the quantized
-tensor API used here (torch.quantize_per_channel, the torch.ao.quantization flow) as deprecated in
-favour of torchao; the kernels themselves are the maintained FBGEMM and oneDNN ones. Weights are
-quantized and packed once, in the engine's own layout, when quantize_int8() runs.
+  per_batch  (default) one `torch.ops.quantized.linear_dynamic` call: one u8 scale over all the
+             call's tokens (full range: reduce_range=False), on the quantized engine the CPU's row
+             of the ISA table names (cpu_nomic_moe.CPU_TABLE: oneDNN on AMX, FBGEMM on AVX-512 and
+             AVX2). The fastest; batch partners move a vector by int8 rounding;
+  per_token  each token's row gets its own scale (symmetric s8), the product is `torch._int_mm`
+             (oneDNN's s8 x s8 -> s32 GEMM) and the epilogue multiplies by the row's and the
+             channel's scales. A row's int8 product depends on that row alone, so batch partners
+             reach a vector only through the float parts (router, attention, LayerNorms), whose
+             last-bit differences an int8 rounding step can amplify: about 4x less drift than
+             per_batch, not fp32's exact invariance. 10-20% slower for one query with VNNI/AMX,
+             and as slow as fp32 with oneDNN capped at AVX2 (benchmarks/int8_gate.py, RESULTS.md).
+
+torch marks the quantized tensor API used for per_batch and for quantizing the weights
+(torch.quantize_per_channel, the torch.ao.quantization flow) as deprecated in favour of torchao;
+the kernels themselves are the maintained FBGEMM and oneDNN ones. Weights are quantized (and for
+per_batch packed in the engine's layout) once, when quantize_int8() runs.
 """
 
 import contextlib
@@ -28,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 GROUPS = ("experts", "attention", "mlp")
+ACTIVATIONS = ("per_batch", "per_token")
 
 
 @contextlib.contextmanager
@@ -51,42 +61,68 @@ def quantize_weight(weight: torch.Tensor) -> torch.Tensor:
         return torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
 
 
+def quantize_rows(x: torch.Tensor):
+    """[M, K] float -> (s8 [M, K], scale [M, 1]): symmetric, one scale per row (per token)."""
+    scale = x.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127.0
+    return (x / scale).round_().to(torch.int8), scale
+
+
+def int8_matmul_per_token(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """[M, K] float @ (s8 [N, K] with scale [N]).T (+ bias) -> [M, N] fp32, activations quantized per row."""
+    q, x_scale = quantize_rows(x)
+    y = torch._int_mm(q, wq.t()).float().mul_(x_scale * w_scale)  # s32 -> fp32, exact up to the scales
+    return y.add_(bias) if bias is not None else y
+
+
 class Int8Linear(nn.Module):
     """y = x @ W.T + b, with W int8 per output channel and x quantized per call. Inference only."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], engine: str):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], engine: str, activations: str = "per_batch"):
         super().__init__()
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
         self.out_features, self.in_features = weight.shape
         self.engine = engine
+        self.activations = activations
         b = None if bias is None else bias.detach().float().contiguous()
-        with quantized_engine(engine):
-            self._packed = torch.ops.quantized.linear_prepack(quantize_weight(weight), b)
+        q = quantize_weight(weight)
+        if activations == "per_token":
+            self._wq = q.int_repr().contiguous()  # [N, K] s8: _int_mm reads its transpose without a copy
+            self._w_scale = q.q_per_channel_scales().float()  # [N]
+            self._bias = b
+        else:
+            with quantized_engine(engine):
+                self._packed = torch.ops.quantized.linear_prepack(q, b)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, engine: str) -> "Int8Linear":
-        return cls(linear.weight, linear.bias, engine)
+    def from_linear(cls, linear: nn.Linear, engine: str, activations: str = "per_batch") -> "Int8Linear":
+        return cls(linear.weight, linear.bias, engine, activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if flat.dtype != torch.float32:
             flat = flat.float()
-        y = torch.ops.quantized.linear_dynamic(flat, self._packed, False)  # reduce_range=False: full u8 range
+        if self.activations == "per_token":
+            y = int8_matmul_per_token(flat, self._wq, self._w_scale, self._bias)
+        else:
+            y = torch.ops.quantized.linear_dynamic(flat, self._packed, False)  # reduce_range=False: full u8 range
         return y.view(*x.shape[:-1], self.out_features)
 
     def weight_bytes(self) -> int:
         return self.out_features * self.in_features
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 ({self.engine})"
+        kernel = "torch._int_mm, per-token activations" if self.activations == "per_token" else f"{self.engine}, per-batch activations"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 ({kernel})"
 
 
 class Int8Experts(nn.Module):
     """One MoE layer's experts in int8: ups[e] = w1[e] ([I, H]), downs[e] = w2[e].T ([H, I])."""
 
-    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, engine: str):
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, engine: str, activations: str = "per_batch"):
         super().__init__()
-        self.ups = nn.ModuleList(Int8Linear(w1[e], None, engine) for e in range(w1.shape[0]))
-        self.downs = nn.ModuleList(Int8Linear(w2[e].T, None, engine) for e in range(w2.shape[0]))
+        self.ups = nn.ModuleList(Int8Linear(w1[e], None, engine, activations) for e in range(w1.shape[0]))
+        self.downs = nn.ModuleList(Int8Linear(w2[e].T, None, engine, activations) for e in range(w2.shape[0]))
 
     def forward(self, x: torch.Tensor, routing, dispatch) -> torch.Tensor:
         """Same dispatch as experts_sorted (``dispatch`` is experts_nomic_moe.dispatch_sorted)."""

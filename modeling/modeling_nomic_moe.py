@@ -56,6 +56,7 @@ from .experts_nomic_moe import (
     run_first,
     why_unavailable,
 )
+from .int8_nomic_moe import ACTIVATIONS as INT8_ACTIVATIONS
 from .int8_nomic_moe import GROUPS as INT8_GROUPS
 from .int8_nomic_moe import Int8Experts, Int8Linear
 
@@ -618,7 +619,7 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         logger.info(f"NomicMoE: MoE implementation {name!r} -> {chosen} on {p.device.type}/{str(p.dtype).replace('torch.', '')}")
 
     @torch.no_grad()
-    def quantize_int8(self, groups=INT8_GROUPS, engine: Optional[str] = None) -> dict:
+    def quantize_int8(self, groups=INT8_GROUPS, engine: Optional[str] = None, activations: str = "per_batch") -> dict:
         """int8 weights (one scale per output channel) and int8 activations, in place, on the CPU.
 
         ``groups``: which matrices become int8, any of "experts" (every expert's two matrices),
@@ -626,11 +627,16 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         LayerNorms, the embeddings and pooling stay fp32; the model is cast to fp32 first. The
         kernel is torch's dynamic quantized linear on the CPU's best engine (oneDNN on AMX, FBGEMM
         on AVX-512 and AVX2; ``engine`` overrides). Afterwards ``model(input_ids=..., attention_mask=...,
-        return_sentence_embedding=True)`` works as before. Inference only: the float weights of
+        return_sentence_embedding=True)`` works as before. ``activations``: "per_batch" (default: one
+        scale per call, the engine's dynamic quantized linear, the fastest; batch partners move a
+        vector by int8 rounding) or "per_token" (one scale per token, torch._int_mm, 10-20% slower;
+        partners move a vector only through float rounding, about 4x less). Inference only: the float weights of
         those matrices are dropped, so reload the model to train, export or save it.
         Refused, saying why, on a GPU or a CPU without an x86 int8 kernel.
         """
         groups = tuple(groups)
+        if activations not in INT8_ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(INT8_ACTIVATIONS)}, got {activations!r}")
         unknown = sorted(set(groups) - set(INT8_GROUPS))
         if unknown:
             raise ValueError(f"unknown int8 group(s) {unknown}; choose from {', '.join(INT8_GROUPS)}")
@@ -648,21 +654,23 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         done = set(getattr(self, "int8_groups", ()))
         for layer in self.encoder.layers:
             if "attention" in groups and "attention" not in done:
-                layer.attn.Wqkv = Int8Linear.from_linear(layer.attn.Wqkv, engine)
-                layer.attn.out_proj = Int8Linear.from_linear(layer.attn.out_proj, engine)
+                layer.attn.Wqkv = Int8Linear.from_linear(layer.attn.Wqkv, engine, activations)
+                layer.attn.out_proj = Int8Linear.from_linear(layer.attn.out_proj, engine, activations)
             if layer.is_moe and "experts" in groups and "experts" not in done:
                 ex = layer.mlp.experts
-                ex.int8 = Int8Experts(*ex.mlp.per_expert(), engine)
+                ex.int8 = Int8Experts(*ex.mlp.per_expert(), engine, activations)
                 ex.mlp.w1 = ex.mlp.w2 = None  # the float copies go: int8 is also the memory option
             if not layer.is_moe and "mlp" in groups and "mlp" not in done:
-                layer.mlp.fc1 = Int8Linear.from_linear(layer.mlp.fc1, engine)
-                layer.mlp.fc2 = Int8Linear.from_linear(layer.mlp.fc2, engine)
+                layer.mlp.fc1 = Int8Linear.from_linear(layer.mlp.fc1, engine, activations)
+                layer.mlp.fc2 = Int8Linear.from_linear(layer.mlp.fc2, engine, activations)
         self.int8_groups = tuple(g for g in INT8_GROUPS if g in done or g in groups)
         self.int8_engine = engine
+        self.int8_activations = activations
         int8_bytes = sum(m.weight_bytes() for m in self.modules() if isinstance(m, Int8Linear))
         float_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
-        logger.info(f"NomicMoE: int8 {', '.join(self.int8_groups)} on {engine}: {int8_bytes / 2**20:.0f} MiB int8 + {float_bytes / 2**20:.0f} MiB float")
-        return {"engine": engine, "groups": list(self.int8_groups), "int8_mib": int8_bytes / 2**20, "float_mib": float_bytes / 2**20}
+        logger.info(f"NomicMoE: int8 {', '.join(self.int8_groups)} ({activations} activations"
+                    f"{', torch._int_mm' if activations == 'per_token' else ' on ' + engine}): {int8_bytes / 2**20:.0f} MiB int8 + {float_bytes / 2**20:.0f} MiB float")
+        return {"engine": engine, "activations": activations, "groups": list(self.int8_groups), "int8_mib": int8_bytes / 2**20, "float_mib": float_bytes / 2**20}
 
     def save_pretrained(self, *args, **kwargs):
         if getattr(self, "int8_groups", None):
