@@ -101,7 +101,6 @@ class Batcher:
         self.preempt = preempt
         self.bulk_share = bulk_share
         self.last_query_seconds = 0.0  # model time of the last query batch: what bulk must run before the next one
-        self.preemptions = 0
         self.max_queue_tokens = max_queue_tokens
         self.starve_after = starve_after
         self.clock = clock
@@ -168,7 +167,6 @@ class Batcher:
                 return None
             if bulk_seconds < self.bulk_share / (1 - self.bulk_share) * self.last_query_seconds:
                 return None
-            self.preemptions += 1
             starved = self._batches_without_bulk  # a bulk batch is running: this one does not count as bulk waiting
             batch = self._fill(("query",))
             self._batches_without_bulk = starved
