@@ -61,6 +61,11 @@ def quantize_weight(weight: torch.Tensor) -> torch.Tensor:
         return torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
 
 
+def check_activations(activations: str) -> None:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+
+
 def quantize_rows(x: torch.Tensor):
     """[M, K] float -> (s8 [M, K], scale [M, 1]): symmetric, one scale per row (per token)."""
     scale = x.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127.0
@@ -79,8 +84,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], engine: str, activations: str = "per_batch"):
         super().__init__()
-        if activations not in ACTIVATIONS:
-            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+        check_activations(activations)
         self.out_features, self.in_features = weight.shape
         self.engine = engine
         self.activations = activations

@@ -56,9 +56,9 @@ from .experts_nomic_moe import (
     run_first,
     why_unavailable,
 )
-from .int8_nomic_moe import ACTIVATIONS as INT8_ACTIVATIONS
 from .int8_nomic_moe import GROUPS as INT8_GROUPS
 from .int8_nomic_moe import Int8Experts, Int8Linear
+from .int8_nomic_moe import check_activations as check_int8_activations
 
 logger = logging.get_logger(__name__)
 
@@ -635,8 +635,7 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         Refused, saying why, on a GPU or a CPU without an x86 int8 kernel.
         """
         groups = tuple(groups)
-        if activations not in INT8_ACTIVATIONS:
-            raise ValueError(f"activations must be one of {', '.join(INT8_ACTIVATIONS)}, got {activations!r}")
+        check_int8_activations(activations)  # before anything is cast or replaced
         unknown = sorted(set(groups) - set(INT8_GROUPS))
         if unknown:
             raise ValueError(f"unknown int8 group(s) {unknown}; choose from {', '.join(INT8_GROUPS)}")
@@ -704,12 +703,7 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
             return_dict = getattr(self.config, "return_dict", True)
 
         exporting = is_exporting()
-        packing = Packing.from_mask(mask, graph=exporting)
-        ids = packing.pack(input_ids)  # [N]
-        types = packing.pack(token_type_ids) if token_type_ids is not None else torch.zeros_like(ids)
-        x = self.emb_ln(self.embeddings(ids, types))  # [N, H]
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            warn_if_emulated_bf16(x.dtype)  # once per process, on a CPU that emulates bf16
+        packing, x = self.embed_packed(input_ids, mask, token_type_ids, graph=exporting)
 
         hidden_states = (packing.unpack(x),) if output_hidden_states else None
         routings = []
@@ -737,6 +731,17 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
             sentence_embedding=sentence,
         )
         return out if return_dict else out.to_tuple()
+
+    def embed_packed(self, input_ids, mask, token_type_ids=None, graph: bool = False):
+        """[B, S] ids and bool mask -> (Packing, [N, H] embeddings of the real tokens): the forward
+        pass before the first layer (a server that runs the layers one by one starts here)."""
+        packing = Packing.from_mask(mask, graph=graph)
+        ids = packing.pack(input_ids)  # [N]
+        types = packing.pack(token_type_ids) if token_type_ids is not None else torch.zeros_like(ids)
+        x = self.emb_ln(self.embeddings(ids, types))  # [N, H]
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            warn_if_emulated_bf16(x.dtype)  # once per process, on a CPU that emulates bf16
+        return packing, x
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         """Refuse what would silently give wrong embeddings; return the [B, S] bool mask."""

@@ -10,7 +10,6 @@ PyTorch backends also count, per MoE layer, how many (token, slot) pairs each ex
 the server publishes the share as a metric.
 """
 
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -56,8 +55,6 @@ class TorchBackend:
         self.moe_layers = [i for i, layer in enumerate(model.encoder.layers) if layer.is_moe]
         self.expert_pairs = np.zeros((len(self.moe_layers), model.config.num_experts), dtype=np.int64)
         self._pending = []  # routing counts of the running forward pass (device tensors)
-        self._model_module = sys.modules[type(model).__module__]
-        self._packing_cls = self._model_module.Packing  # the model file's own token packing
         for layer in model.encoder.layers:
             if layer.is_moe:
                 layer.mlp.register_forward_hook(self._record_routing)
@@ -67,7 +64,14 @@ class TorchBackend:
         if getattr(routing, "counts", None) is not None:
             self._pending.append(routing.counts)
 
+    @property
+    def can_step(self) -> bool:
+        """Whether the folder's model code exposes embed_packed (model files older than it run whole)."""
+        return hasattr(self.model, "embed_packed")
+
     def embed(self, inputs: List[List[int]]) -> np.ndarray:
+        if not self.can_step:
+            return self._embed_whole(inputs)
         steps = self.embed_steps(inputs)
         while True:
             try:
@@ -75,34 +79,41 @@ class TorchBackend:
             except StopIteration as done:
                 return done.value
 
+    def _embed_whole(self, inputs: List[List[int]]) -> np.ndarray:
+        torch = self.torch
+        ids, mask = pad_batch(inputs, list(range(len(inputs))), self.pad_id)
+        self._pending = pending = []
+        with torch.inference_mode():
+            t, m = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+            return self._pool(self.model(input_ids=t, attention_mask=m).last_hidden_state, m, pending)
+
+    def _pool(self, hidden, m, pending) -> np.ndarray:
+        """[B, S, H] (zero at padding) -> [B, H] float32 mean over real tokens; the batch's routing counts land."""
+        torch = self.torch
+        mf = m.to(hidden.dtype).unsqueeze(-1)
+        pooled = ((hidden * mf).sum(1).float() / mf.sum(1).float().clamp(min=1e-9)).cpu().numpy()
+        if len(pending) == len(self.moe_layers):
+            self.expert_pairs += torch.stack(pending).cpu().numpy()
+        return pooled
+
     def embed_steps(self, inputs: List[List[int]]):
         """The model's forward pass one layer at a time: a generator that yields after each layer and
         returns the pooled [n, H] float32. Between two yields the caller may run other batches (the
-        query lane preempting bulk work); the same ops as NomicMoEModel.forward, so the same vectors."""
+        query lane preempting bulk work); the model's own embed_packed and layers, as its forward, so the same vectors."""
         torch, model = self.torch, self.model
         ids, mask = pad_batch(inputs, list(range(len(inputs))), self.pad_id)
         pending = []  # this batch's routing counts: a preempting batch in between keeps its own
         self._pending = pending
         with torch.inference_mode():
             t, m = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
-            model._check_inputs(t, m, None)
-            packing = self._packing_cls.from_mask(m)
-            packed = packing.pack(t)  # [N]
-            x = model.emb_ln(model.embeddings(packed, torch.zeros_like(packed)))  # [N, H]
-            if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-                self._model_module.warn_if_emulated_bf16(x.dtype)  # once per process, as the model's forward
+            packing, x = model.embed_packed(t, model._check_inputs(t, m, None))  # [N, H]
         for layer in model.encoder.layers:
             with torch.inference_mode():
                 self._pending = pending
                 x, _ = layer(x, packing)
             yield
         with torch.inference_mode():
-            hidden = packing.unpack(x)  # [B, S, H], zero at padding
-            mf = m.to(hidden.dtype).unsqueeze(-1)
-            pooled = ((hidden * mf).sum(1).float() / mf.sum(1).float().clamp(min=1e-9)).cpu().numpy()
-            if len(pending) == len(self.moe_layers):
-                self.expert_pairs += torch.stack(pending).cpu().numpy()
-        return pooled
+            return self._pool(packing.unpack(x), m, pending)
 
     def backends(self) -> Dict[str, Optional[str]]:
         layers = self.model.encoder.layers

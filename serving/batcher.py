@@ -150,7 +150,10 @@ class Batcher:
             while True:
                 self._drop_stale()
                 if any(self.lanes.values()):
-                    return self._fill()
+                    batch = self._fill()
+                    took_bulk = any(job.lane == "bulk" for job, _, _ in batch.parts)
+                    self._batches_without_bulk = 0 if (took_bulk or not self.lanes["bulk"]) else self._batches_without_bulk + 1
+                    return batch
                 if self._closed:
                     return None
                 wait = None if deadline is None else deadline - self.clock()
@@ -167,10 +170,7 @@ class Batcher:
                 return None
             if bulk_seconds < self.bulk_share / (1 - self.bulk_share) * self.last_query_seconds:
                 return None
-            starved = self._batches_without_bulk  # a bulk batch is running: this one does not count as bulk waiting
-            batch = self._fill(("query",))
-            self._batches_without_bulk = starved
-            return batch
+            return self._fill(("query",))  # a bulk batch is running: not counted as one that left bulk waiting
 
     def complete(self, batch: Batch, vectors: np.ndarray, seconds: float) -> None:
         """Hands each job its rows of the batch's output; jobs with every input done are notified."""
@@ -225,7 +225,7 @@ class Batcher:
             order.reverse()  # bulk has waited long enough: it goes first this once
         if self.preempt:  # one lane per batch: the first in order that has work
             order = [next(lane for lane in order if self.lanes[lane])]
-        took_bulk = took_query = False
+        took_query = False
         for lane in order:
             q = self.lanes[lane]
             if lane == "bulk" and took_query:
@@ -244,11 +244,9 @@ class Batcher:
                 if job.first_batch is None:
                     job.first_batch = self.clock()
                 parts.append((job, lo, hi))
-                took_bulk |= lane == "bulk"
                 took_query |= lane == "query"
                 if job.next == len(job.ids):
                     q.popleft()
                 else:
                     break  # chunked: the rest waits for the next batch
-        self._batches_without_bulk = 0 if (took_bulk or not self.lanes["bulk"]) else self._batches_without_bulk + 1
         return Batch(parts)

@@ -132,7 +132,7 @@ class Engine:
         # a backend that runs layer by layer lets queries in between two layers of a bulk batch, so
         # bulk batches can be long (a CPU runs long batches fastest); one that runs a batch whole
         # keeps batches short, because a query waits for the whole batch ahead of it
-        self.preempt = hasattr(self.backend, "embed_steps")
+        self.preempt = getattr(self.backend, "can_step", False)
         self.batch_seconds = s.batch_seconds or (PREEMPT_BATCH_SECONDS if self.preempt else WHOLE_BATCH_SECONDS)
         budget = s.max_batch_tokens or int(min(MAX_BATCH_TOKENS, max(MIN_BATCH_TOKENS, self.rate * self.batch_seconds)))
         if budget < MAX_SEQ_LENGTH:

@@ -44,3 +44,13 @@ def test_layer_steps_with_a_query_batch_in_between_match_the_model(ckpts):
     # each batch's routing counts land once: every MoE layer saw 2 slots per real token of both batches
     tokens = sum(len(x) for x in bulk + queries)
     assert (b.expert_pairs.sum(1) == 2 * tokens).all(), b.expert_pairs.sum(1)
+
+
+def test_model_files_without_embed_packed_run_whole(ckpts, monkeypatch):
+    """A folder whose model code predates embed_packed (an older Hub revision) is served whole, not stepped."""
+    b = TorchBackend(ckpts.converted(), threads=1)
+    inputs = texts(np.random.default_rng(1), [30, 8])
+    stepped = b.embed(inputs)
+    assert b.can_step
+    monkeypatch.setattr(TorchBackend, "can_step", property(lambda self: False))  # as hasattr says for old model files
+    np.testing.assert_allclose(b.embed(inputs), stepped, atol=1e-6, rtol=0)

@@ -171,6 +171,8 @@ def test_take_queries_drops_stale_queries_first():
 class SteppingBackend:
     """A fake model that runs a batch in `layers` steps and logs what it runs, in order."""
 
+    can_step = True
+
     def __init__(self, layers=3, on_step=None):
         self.layers, self.on_step, self.events = layers, on_step, []
 
