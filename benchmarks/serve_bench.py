@@ -3,7 +3,9 @@
     python benchmarks/serve_bench.py MODEL_DIR [--servers ours:float32,ours:bfloat16,infinity,llama.cpp:f32] [--seconds 20]
         [--scenarios mixed,queries,documents] [--rounds N]
 
-A server spec may carry extra flags for our server after an @, comma-separated: `ours:float32@--bulk-share=0.5`.
+A server spec may carry extra flags for our server after an @, one per @: `ours:float32@--bulk-share=0.5`,
+`ours:bfloat16@--device=cuda`, `ours:float32@--onnx=model_fp16.onnx@--provider=cuda`. NOMIC_MOE_CLI
+names the command that starts our server (default: this checkout's .venv/bin/nomic-moe).
 `--rounds N` runs the whole list N times, servers interleaved, so a VM whose speed drifts by the
 minute treats every server alike.
 
@@ -75,7 +77,8 @@ class Texts:
 def start(kind, model_dir, dtype, port, logfile, extra=()):
     env = dict(os.environ, OMP_NUM_THREADS="2", DO_NOT_TRACK="1", INFINITY_ANONYMOUS_USAGE_STATS="0")
     if kind == "ours":
-        cmd = [str(HERE.parent / ".venv/bin/nomic-moe"), "serve", str(model_dir), "--port", str(port), "--threads", "2",
+        cli = os.environ.get("NOMIC_MOE_CLI", "").split() or [str(HERE.parent / ".venv/bin/nomic-moe")]
+        cmd = [*cli, "serve", str(model_dir), "--port", str(port), "--threads", "2",
                "--dtype", dtype, "--served-model-name", "bench", *extra]
     elif kind == "infinity":
         venv = Path(os.environ.get("INFINITY_VENV", Path.home() / ".cache/nomic-moe/infinity-venv"))
@@ -168,7 +171,7 @@ def scenario(kind, url, name, clients, seconds, queries, docs):
                      "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None})
     for r in rows:
         log(f"{kind:>14} {name:<14} {r['kind']:<8} {r['texts_per_s']:7.2f} texts/s {r['tokens_per_s']:8.0f} tok/s "
-            f"p50 {r['p50_ms'] or 0:8.0f} p95 {r['p95_ms'] or 0:8.0f} p99 {r['p99_ms'] or 0:8.0f} ms  errors {r['errors']}")
+            f"p50 {r['p50_ms'] or 0:8.1f} p95 {r['p95_ms'] or 0:8.1f} p99 {r['p99_ms'] or 0:8.1f} ms  errors {r['errors']}")
     return rows
 
 
@@ -176,6 +179,7 @@ def bench_server(a, spec, round_, chosen, queries, docs):
     """Start one server (a --servers entry), run the chosen scenarios against it, stop it."""
     spec, _, extra = spec.partition("@")
     kind, _, dtype = spec.partition(":")
+    extra = extra.replace("@", ",")  # flags after the first @ are separated by @ (a comma would split --servers)
     label = (f"{kind}:{dtype}" if dtype else kind) + (f" {extra.replace(',', ' ')}" if extra else "")
     logfile = Path(a.out).with_name(f"{label.replace(':', '-').replace(' ', '_')}.log")
     logfile.parent.mkdir(parents=True, exist_ok=True)

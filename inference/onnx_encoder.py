@@ -28,6 +28,8 @@ def session(path: Path, provider: str = "cpu", threads: Optional[int] = None):
             f"{wanted} is not available in this onnxruntime ({ort.__version__}: {ort.get_available_providers()})",
             "install onnxruntime-gpu (and not onnxruntime beside it) for CUDA, or use --provider cpu",
         )
+    if provider == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (torch's), where no system CUDA is on the loader's path
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
