@@ -81,13 +81,13 @@ for stage in "${stages[@]}"; do
     echo "== ONNX Runtime CUDA (fp16 and the exact graph) against PyTorch CUDA"
     has_ort_cuda || { echo "onnxruntime-gpu with CUDA not importable: skipped" | tee "$out/ort_gpu.txt"; status=1; continue; }
     wait_prep "$work/onnx.done" 240 || { status=1; continue; }
-    timeout 150 python3 -m nomic_moe_cli bench-onnx "$work/model" --provider cuda --files model_fp16.onnx,model.onnx \
+    timeout 120 python3 -m nomic_moe_cli bench-onnx "$work/model" --provider cuda --files model_fp16.onnx,model.onnx \
       --torch-dtypes bfloat16,float16 --texts 2048 --batch-size 128 --out "$out/ort_gpu.json" 2>&1 | tail -30 | tee "$out/ort_gpu.txt" || status=1 ;;
   serve-onnx)
     echo "== serving: ORT CUDA fp16 under closed-loop load"
     has_ort_cuda || { status=1; continue; }
     wait_prep "$work/onnx.done" 120 || { status=1; continue; }
-    timeout 150 python3 benchmarks/serve_bench.py "$work/model" --servers "ours:float32@--onnx=model_fp16.onnx@--provider=cuda" \
+    timeout 120 python3 benchmarks/serve_bench.py "$work/model" --servers "ours:float32@--onnx=model_fp16.onnx@--provider=cuda" \
       --seconds 4 --query-clients 1,16,64 --doc-clients 1,4 --out "$out/serve_onnx.json" 2>&1 | tail -30 | tee "$out/serve_onnx.txt" || status=1 ;;
   prep-wait) wait_prep "$work/onnx.done" 600 || status=1 ;;
   *) echo "unknown stage $stage"; status=1 ;;
