@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in stages, for a lent GPU (the device tool). Stages, in the order one lease runs them:
-#   prep         in the background (setsid, CPU only): real-size random checkpoint + ONNX export in $WORK
-#   torch        doctor, correctness (backends, varlen attention, bf16 vs fp32), unit tests on CUDA, bench
+#   prep         in the background (setsid, CPU only): real-size random checkpoint + ONNX export in $WORK (PREP_ONNX=0: none)
+#   torch        = doctor checks unit bench: what auto picks; correctness (backends, attention, bf16 vs fp32,
+#                CUDA graphs); unit tests on CUDA (UNIT_TESTS, UNIT_SECONDS); bench (BENCH_BATCHING=both|arrival|sorted)
 #   serve-torch  serve_bench.py against our server, PyTorch bf16 on CUDA (needs .whl: fastapi, uvicorn, pydantic)
 #   onnx         ORT CUDA fp16 against PyTorch CUDA (needs onnxruntime-gpu: ../shared/device/ort-gpu-parts.sh)
 #   serve-onnx   serve_bench.py against our server on ORT CUDA fp16
@@ -54,24 +55,29 @@ for stage in "${stages[@]}"; do
     echo "== prep: real-size random checkpoint and its ONNX export, on the CPU, in the background ($work)"
     if [ ! -e "$work/prep.log" ]; then
       CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=8 setsid taskset -c 8-15 bash -c "
-        { date -u; python3 -m nomic_moe_cli synth $work/src --real-size \
-          && python3 -m nomic_moe_cli convert $work/src $work/model && touch $work/model.done && date -u \
-          && python3 -m nomic_moe_cli export-onnx $work/model --exporter torch --variants model,fp16 \
-          && touch $work/onnx.done && date -u; } || echo PREP FAILED" >"$work/prep.log" 2>&1 </dev/null &
+        date -u; python3 -m nomic_moe_cli synth $work/src --real-size \
+          && python3 -m nomic_moe_cli convert $work/src $work/model && touch $work/model.done && date -u || { echo PREP FAILED; exit 1; }
+        [ \"\${PREP_ONNX:-1}\" = 1 ] || exit 0
+        python3 -m nomic_moe_cli export-onnx $work/model --exporter torch --variants model,fp16 \
+          && touch $work/onnx.done && date -u || echo PREP FAILED" >"$work/prep.log" 2>&1 </dev/null &
     fi ;;
-  torch)
+  torch) bash "$0" doctor checks unit bench || status=1 ;;
+  doctor)
     { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
       python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
       echo "== doctor: what auto picks on this GPU, and the kernels compiled for it"
-      timeout 90 python3 -m nomic_moe_cli doctor --dtype bfloat16 --compile; timeout 40 python3 -m nomic_moe_cli doctor --dtype float16; } 2>&1 | tee "$out/gpu_env.txt"
-    echo "== correctness: backends, varlen attention, whole model bf16 vs fp32"
-    timeout 120 python3 benchmarks/gpu_checks.py 2>&1 | tee "$out/gpu_checks.txt" || status=1
-    echo "== unit tests on CUDA (triton kernels for real, not interpreted)"
-    (cd tests && timeout 120 python3 -m pytest -q -x test_triton.py test_experts.py test_model.py test_gpu_paths.py -p no:cacheprovider) 2>&1 \
-      | tail -15 | tee "$out/gpu_pytest.txt" || status=1
+      timeout 90 python3 -m nomic_moe_cli doctor --dtype bfloat16 --compile; timeout 40 python3 -m nomic_moe_cli doctor --dtype float16; } 2>&1 | tee "$out/gpu_env.txt" ;;
+  checks)
+    echo "== correctness: backends, attention kernels, whole model bf16 vs fp32, CUDA graphs; tile sweep"
+    timeout 120 python3 benchmarks/gpu_checks.py 2>&1 | tee "$out/gpu_checks.txt" || status=1 ;;
+  unit)
+    echo "== unit tests on CUDA (triton kernels for real, not interpreted; CUDA graphs replayed)"
+    (cd tests && timeout "${UNIT_SECONDS:-180}" python3 -m pytest -q -x ${UNIT_TESTS:-test_cuda_graphs.py test_triton.py test_experts.py test_gpu_paths.py test_model.py} \
+      -p no:cacheprovider) 2>&1 | tail -15 | tee "$out/gpu_pytest.txt" || status=1 ;;
+  bench)
     echo "== benchmark: full size, bf16 and fp16, mixed-length workload"
     timeout 120 python3 -m nomic_moe_cli bench --device cuda --dtypes bfloat16,float16 --texts 4096 \
-      --batch-size 256 --batching both --out "$out/gpu_bench.json" 2>&1 | tail -40 | tee "$out/gpu_bench.txt" || status=1 ;;
+      --batch-size 256 --batching "${BENCH_BATCHING:-both}" --out "$out/gpu_bench.json" 2>&1 | tail -40 | tee "$out/gpu_bench.txt" || status=1 ;;
   serve-torch)
     echo "== serving: PyTorch bf16 on CUDA under closed-loop load"
     wait_prep "$work/model.done" 60 || { status=1; continue; }

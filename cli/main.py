@@ -190,7 +190,8 @@ def cmd_serve(a):
         print(f"note: binding {a.host}: the server is reachable from other machines"
               + ("" if a.api_key else " and has no --api-key"), file=sys.stderr)
     return serve(Settings(model=a.model, host=a.host, port=a.port, served_model_name=a.served_model_name, dtype=a.dtype,
-                          device=a.device, onnx=a.onnx, provider=a.provider, threads=a.threads, max_batch_tokens=a.max_batch_tokens,
+                          device=a.device, onnx=a.onnx, provider=a.provider, threads=a.threads, cuda_graphs=a.cuda_graphs,
+                          max_batch_tokens=a.max_batch_tokens,
                           batch_seconds=a.batch_seconds, bulk_share=a.bulk_share, max_queue_tokens=a.max_queue_tokens, query_tokens=a.query_tokens,
                           request_timeout=a.request_timeout, api_key=a.api_key or os.environ.get("NOMIC_MOE_API_KEY"),
                           engine=a.engine, replicas=a.replicas, cpus_per_replica=a.cpus_per_replica))
@@ -372,6 +373,8 @@ def build_parser():
     sv.add_argument("--onnx", metavar="FILE", help="serve onnx/FILE with ONNX Runtime instead of PyTorch")
     sv.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider, with --onnx")
     sv.add_argument("--threads", type=int, help="torch / ONNX Runtime threads")
+    sv.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                    help="on CUDA, run short batches eagerly too (default: captured CUDA graphs, launch-bound otherwise)")
     sv.add_argument("--max-batch-tokens", type=int, help="real tokens per forward pass (default: sized at warm-up to --batch-seconds)")
     sv.add_argument("--batch-seconds", type=float,
                     help="target time of one batch when sizing the budget (default 4 with PyTorch, where queries run between two "

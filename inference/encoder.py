@@ -47,6 +47,13 @@ class Encoder:
         self.dtype = resolved
         self.device = device
         self.prompts = checks.prompts(self.model_dir)
+        self.graphs = None  # on CUDA, short batches replay captured graphs: a lone query is launch-bound otherwise
+        if str(device).startswith("cuda"):
+            from .cuda_graphs import GraphedEmbedder
+
+            if GraphedEmbedder.available(self.model):
+                pad = self.model.config.pad_token_id
+                self.graphs = GraphedEmbedder(self.model, pad if pad is not None else 1)
 
     def prompt_text(self, prompt: Optional[str]) -> str:
         if prompt is None:
@@ -74,8 +81,12 @@ class Encoder:
                 return_overflowing_tokens=False,
             )
             truncated += int((batch["attention_mask"].sum(1) >= MAX_SEQ_LENGTH).sum())
-            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            pooled = self.model(input_ids=ids, attention_mask=mask, return_sentence_embedding=True).sentence_embedding
+            if self.graphs is not None and self.graphs.bucket(*batch["input_ids"].shape) is not None:
+                rows = [r[m.bool()].tolist() for r, m in zip(batch["input_ids"], batch["attention_mask"])]
+                pooled = F.normalize(torch.from_numpy(self.graphs.embed(rows)[0]), dim=-1)
+            else:
+                ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+                pooled = self.model(input_ids=ids, attention_mask=mask, return_sentence_embedding=True).sentence_embedding
             emb = finish(pooled, dim).cpu()
             for j, i in enumerate(idx):
                 out[i] = emb[j]

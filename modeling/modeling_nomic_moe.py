@@ -45,6 +45,7 @@ from .experts_nomic_moe import (
     can_run_packed,
     cpu_pack_enabled,
     dispatch_sorted,
+    experts_dense,
     experts_graph,
     experts_packed,
     experts_sorted,
@@ -105,6 +106,7 @@ class Packing:
     key_mask: torch.Tensor
     cu_seqlens: torch.Tensor
     graph: bool = False  # built for a graph exporter: attention in the input's [B, S] layout
+    dense: bool = False  # every position kept and every expert run (Packing.static): nothing read back
     _bounds: Optional[List[int]] = field(default=None, repr=False)
     _rope: dict = field(default_factory=dict, repr=False)
 
@@ -145,6 +147,19 @@ class Packing:
         empty = ~keys.any(1, keepdim=True)  # [B, 1]
         key_mask = key_mask | (empty & (torch.arange(key_mask.shape[1], device=mask.device) == 0)[None, :])
         return cls(B, S, token_index, positions, attn_index, key_mask, cu_seqlens, graph)
+
+    @classmethod
+    def static(cls, mask: torch.Tensor) -> "Packing":
+        """Every position kept, padding included, for a CUDA graph: no host sync and no shape taken
+        from the data. Padding rows are computed and ignored (never a key, never pooled)."""
+        B, S = mask.shape
+        keys = mask.bool()
+        token_index = torch.arange(B * S, device=mask.device)  # [B*S]: pack and unpack are reshapes
+        positions = (keys.long().cumsum(1) - 1).clamp(min=0).flatten()  # real tokens: as from_mask
+        cu_seqlens = F.pad(keys.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+        empty = ~keys.any(1, keepdim=True)  # [B, 1]: a padding row of the graph's batch
+        key_mask = keys | (empty & (torch.arange(S, device=mask.device) == 0)[None, :])
+        return cls(B, S, token_index, positions, token_index, key_mask, cu_seqlens, graph=True, dense=True)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, ...] -> [N, ...]"""
@@ -512,12 +527,13 @@ class NomicMoESparseBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, packing: Packing):
         routing = self.router(x, sort=not packing.graph)
-        if packing.graph:  # graph export: no host sync, no sort
+        if packing.graph:  # graph export or CUDA graph: no host sync, no sort
             experts = self.experts
             if experts.int8 is not None:
-                raise RuntimeError("an int8 model (quantize_int8) cannot be exported; export the float model "
-                                   "(nomic-moe export-onnx writes its own int8 graph)")
-            return experts_graph(x, routing, *experts.mlp.per_expert()) + experts.bias, routing
+                raise RuntimeError("an int8 model (quantize_int8) runs neither exported nor in a CUDA graph; use the float "
+                                   "model (nomic-moe export-onnx writes its own int8 graph)")
+            run = experts_dense if packing.dense else experts_graph
+            return run(x, routing, *experts.mlp.per_expert()) + experts.bias, routing
         return self.experts(x, routing), routing
 
 
@@ -742,6 +758,33 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         if x.dtype == torch.bfloat16 and x.device.type == "cpu":
             warn_if_emulated_bf16(x.dtype)  # once per process, on a CPU that emulates bf16
         return packing, x
+
+    def embed_static(self, input_ids: torch.Tensor, mask: torch.Tensor):
+        """[B, S] ids and 0/1 mask -> ([B, H] float32 mean over real tokens, not normalised; [moe layers, E]
+        (token, slot) pairs each expert received from the real tokens).
+
+        The same embedding as forward (to fp32 rounding), computed with fixed shapes and no host sync,
+        so that torch.cuda.graphs can capture it: every position is kept (padding computed, never
+        attended to or pooled), attention runs padded, and every expert runs on every row, weighted
+        by the router (zero where not chosen). For short inputs, where a query's few tokens read
+        every expert's weights anyway; nomic_moe_inference.cuda_graphs captures it per batch shape.
+        The inputs are not checked here (a check reads them back): the caller checks them.
+        """
+        packing = Packing.static(mask)
+        ids = input_ids.flatten()  # [B*S]
+        x = self.emb_ln(self.embeddings(ids, torch.zeros_like(ids)))  # [B*S, H]
+        counts = []
+        real = mask.flatten().to(torch.long)[:, None]  # [B*S, 1]: padding counts for no expert
+        for layer in self.encoder.layers:
+            x, routing = layer(x, packing)
+            if routing is not None:
+                hits = torch.zeros(x.shape[0], self.config.num_experts, dtype=torch.long, device=x.device)
+                hits.scatter_add_(1, routing.experts, real.expand_as(routing.experts))  # [B*S, E]; one_hot reads back its max
+                counts.append(hits.sum(0))
+        m = mask.unsqueeze(-1).to(torch.float32)  # [B, S, 1]
+        x = x.view(packing.batch, packing.seq_len, -1).float()
+        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return pooled, torch.stack(counts) if counts else x.new_zeros(0, self.config.num_experts, dtype=torch.long)
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         """Refuse what would silently give wrong embeddings; return the [B, S] bool mask."""

@@ -276,6 +276,7 @@ def create_app(engine: Engine) -> FastAPI:
         return {"model_id": engine.name, "model_dir": str(engine.model_dir), "revision": engine.revision, "state": engine.state,
                 "dtype": engine.dtype if not s.onnx else f"onnx:{s.onnx}", "device": s.provider if s.onnx else s.device,
                 "backend": engine.backend.kind if engine.backend else None, "attention": b.get("attention"), "experts": b.get("experts"),
+                "short_batches": b.get("short batches"),
                 "max_input_length": 512, "dimensions": engine.hidden_size, "prompts": engine.prompts.prompts,
                 "default_prompt": engine.prompts.default,
                 "max_batch_tokens": engine.batcher.max_batch_tokens if engine.batcher else None,

@@ -31,7 +31,8 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 class TorchBackend:
     kind = "pytorch"
 
-    def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "float32", threads: Optional[int] = None):
+    def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "float32", threads: Optional[int] = None,
+                 graphs: bool = True):
         import torch
         from transformers import AutoModel
 
@@ -55,6 +56,12 @@ class TorchBackend:
         self.moe_layers = [i for i, layer in enumerate(model.encoder.layers) if layer.is_moe]
         self.expert_pairs = np.zeros((len(self.moe_layers), model.config.num_experts), dtype=np.int64)
         self._pending = []  # routing counts of the running forward pass (device tensors)
+        self.graphs = None  # short batches on CUDA: captured CUDA graphs (launch-bound otherwise)
+        if str(device).startswith("cuda") and graphs:
+            from nomic_moe_inference.cuda_graphs import GraphedEmbedder
+
+            if GraphedEmbedder.available(model):
+                self.graphs = GraphedEmbedder(model, self.pad_id)
         for layer in model.encoder.layers:
             if layer.is_moe:
                 layer.mlp.register_forward_hook(self._record_routing)
@@ -70,9 +77,15 @@ class TorchBackend:
         return hasattr(self.model, "embed_packed")
 
     def embed(self, inputs: List[List[int]]) -> np.ndarray:
+        if self.graphs is not None and self.graphs.fits(inputs):
+            return self._embed_graphed(inputs)
+        return self.embed_eager(inputs)
+
+    def embed_eager(self, inputs: List[List[int]]) -> np.ndarray:
+        """The packed forward pass, whatever the batch (warm-up runs it once beside the graphs)."""
         if not self.can_step:
             return self._embed_whole(inputs)
-        steps = self.embed_steps(inputs)
+        steps = self.embed_steps(inputs, graphs=False)
         while True:
             try:
                 next(steps)
@@ -87,6 +100,12 @@ class TorchBackend:
             t, m = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
             return self._pool(self.model(input_ids=t, attention_mask=m).last_hidden_state, m, pending)
 
+    def _embed_graphed(self, inputs: List[List[int]]) -> np.ndarray:
+        pooled, counts = self.graphs.embed(inputs)
+        if counts.shape[0] == len(self.moe_layers):
+            self.expert_pairs += counts
+        return pooled
+
     def _pool(self, hidden, m, pending) -> np.ndarray:
         """[B, S, H] (zero at padding) -> [B, H] float32 mean over real tokens; the batch's routing counts land."""
         torch = self.torch
@@ -96,11 +115,13 @@ class TorchBackend:
             self.expert_pairs += torch.stack(pending).cpu().numpy()
         return pooled
 
-    def embed_steps(self, inputs: List[List[int]]):
+    def embed_steps(self, inputs: List[List[int]], graphs: bool = True):
         """The model's forward pass one layer at a time: a generator that yields after each layer and
         returns the pooled [n, H] float32. Between two yields the caller may run other batches (the
         query lane preempting bulk work); the model's own embed_packed and layers, as its forward, so the same vectors."""
         torch, model = self.torch, self.model
+        if graphs and self.graphs is not None and self.graphs.fits(inputs):
+            return self._embed_graphed(inputs)  # a few milliseconds: nothing to preempt
         ids, mask = pad_batch(inputs, list(range(len(inputs))), self.pad_id)
         pending = []  # this batch's routing counts: a preempting batch in between keeps its own
         self._pending = pending
@@ -118,7 +139,10 @@ class TorchBackend:
     def backends(self) -> Dict[str, Optional[str]]:
         layers = self.model.encoder.layers
         moe = next((layer.mlp.experts for layer in layers if layer.is_moe), None)
-        return {"attention": layers[0].attn.last_used, "experts": getattr(moe, "last_used", None) or getattr(moe, "implementation", None)}
+        out = {"attention": layers[0].attn.last_used, "experts": getattr(moe, "last_used", None) or getattr(moe, "implementation", None)}
+        if self.graphs is not None:
+            out["short batches"] = f"CUDA graphs (padded attention, dense experts) up to {self.graphs.max_tokens} padded tokens"
+        return out
 
 
 class OnnxBackend:
@@ -150,10 +174,10 @@ class OnnxBackend:
 
 
 def load_backend(model_dir: Path, dtype: str = "float32", device: str = "cpu", onnx: Optional[str] = None,
-                 provider: str = "cpu", threads: Optional[int] = None):
+                 provider: str = "cpu", threads: Optional[int] = None, cuda_graphs: bool = True):
     if onnx:
         return OnnxBackend(model_dir, onnx, provider, threads)
-    return TorchBackend(model_dir, device, dtype, threads)
+    return TorchBackend(model_dir, device, dtype, threads, graphs=cuda_graphs)
 
 
 def warm_up(backend, tokens_per_text: int = 128, texts: int = 8, repeats: int = 2) -> float:
@@ -162,6 +186,8 @@ def warm_up(backend, tokens_per_text: int = 128, texts: int = 8, repeats: int = 
     hi = min(backend.vocab_size or 1000, 250000)
     batch = [[0] + rng.integers(5, hi, tokens_per_text - 2).tolist() + [2] for _ in range(texts)]
     backend.embed(batch[:1])
+    if getattr(backend, "graphs", None) is not None:
+        backend.embed_eager(batch)  # the path of longer batches, which the warm-up batch does not take
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()

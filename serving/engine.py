@@ -127,7 +127,7 @@ class Engine:
         s = self.settings
         t0 = time.time()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), trust_remote_code=True)
-        self.backend = load_backend(self.model_dir, self.dtype, s.device, s.onnx, s.provider, s.threads)
+        self.backend = load_backend(self.model_dir, self.dtype, s.device, s.onnx, s.provider, s.threads, s.cuda_graphs)
         self.rate = warm_up(self.backend)
         # a backend that runs layer by layer lets queries in between two layers of a bulk batch, so
         # bulk batches can be long (a CPU runs long batches fastest); one that runs a batch whole
@@ -147,7 +147,8 @@ class Engine:
         b = self.backend.backends()
         self.log(f"ready in {time.time() - t0:.1f}s: model {self.name} (revision {self.revision}), "
                  f"{self.backend.kind} {self.backend.dtype_name if s.onnx else self.dtype} on {s.provider if s.onnx else s.device}, "
-                 f"attention {b['attention']}, experts {b['experts']}; warm-up {self.rate:,.0f} tokens/s, "
+                 f"attention {b['attention']}, experts {b['experts']}"
+                 + (f", short batches {b['short batches']}" if b.get("short batches") else "") + f"; warm-up {self.rate:,.0f} tokens/s, "
                  f"batch budget {budget} tokens ({'set' if s.max_batch_tokens else f'{self.batch_seconds:g} s of work'}), "
                  f"queue budget {self.batcher.max_queue_tokens} tokens, "
                  + (f"queries between layers of bulk batches (bulk keeps {s.bulk_share:.0%} of the time)" if self.preempt

@@ -54,3 +54,21 @@ def test_model_files_without_embed_packed_run_whole(ckpts, monkeypatch):
     assert b.can_step
     monkeypatch.setattr(TorchBackend, "can_step", property(lambda self: False))  # as hasattr says for old model files
     np.testing.assert_allclose(b.embed(inputs), stepped, atol=1e-6, rtol=0)
+
+
+def test_short_batches_through_the_graphs_path_match_the_model(ckpts):
+    """On CUDA short batches replay captured graphs (GraphedEmbedder); here its buckets run eagerly on
+    the CPU: the same vectors and routing counts as the packed path, and long batches still step."""
+    from nomic_moe_inference.cuda_graphs import GraphedEmbedder
+
+    b = TorchBackend(ckpts.converted(), threads=1)
+    assert b.graphs is None  # CPU: no graphs unless given
+    b.graphs = GraphedEmbedder(b.model, b.pad_id, max_tokens=256, max_rows=4)
+    rng = np.random.default_rng(2)
+    short, long = texts(rng, [9, 30, 4]), texts(rng, [200, 100])
+    np.testing.assert_allclose(b.embed(short), reference(b.model, short), atol=1e-5, rtol=0)
+    assert set(b.graphs.graphs) == {(4, 32)}
+    assert (b.expert_pairs.sum(1) == 2 * sum(map(len, short))).all()
+    layers = sum(1 for _ in b.embed_steps(long))
+    assert layers == len(b.model.encoder.layers)  # over the graphs' budget: stepped layer by layer
+    np.testing.assert_allclose(b.embed(long), reference(b.model, long), atol=1e-5, rtol=0)
