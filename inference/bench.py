@@ -205,7 +205,9 @@ def query_latency_graphed(model, device, n=32, repeats=50):
         return None
     g = GraphedEmbedder(model, pad_id=1)
     ids = [torch.randint(3, 1000, (n,)).tolist()]
-    g.embed(ids)  # the capture
+    if g.embed(ids) is None:  # the capture, checked against forward
+        log(f"CUDA graphs: {g.broken}")
+        return None
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -11,8 +11,13 @@ Buckets: rows up to a power of two, length up to a power of two from 16, rows x 
 first batch of each bucket pays the capture (two warm-up runs and the capture, tens of ms); all
 graphs share one memory pool. Off CUDA the same buckets run eagerly, which is how the CPU tests
 check the padding and slicing that the graphs use.
+
+Each new graph's first replay is checked against the model's ordinary forward pass on the same
+batch. A capture that fails, or a replay that disagrees, turns the graphs off for the process with
+one warning, and `embed` returns None from then on: the caller runs its eager path, slower, never wrong.
 """
 
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -20,6 +25,7 @@ import numpy as np
 import torch
 
 MIN_LEN = 16
+AGREE = {torch.float32: 0.99999, torch.float16: 0.995, torch.bfloat16: 0.995}  # min cosine of a first replay to forward
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -47,6 +53,7 @@ class GraphedEmbedder:
         self.capture = self.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.graphs: Dict[Tuple[int, int], _Graph] = {}
+        self.broken: Optional[str] = None  # why the graphs were turned off, once they were
 
     @staticmethod
     def available(model) -> bool:
@@ -57,34 +64,60 @@ class GraphedEmbedder:
     def bucket(self, rows: int, length: int) -> Optional[Tuple[int, int]]:
         """(B, S) for a batch of ``rows`` texts of at most ``length`` tokens, or None where it takes the eager path."""
         B, S = _pow2(rows), _pow2(length, MIN_LEN)
-        if rows < 1 or B > self.max_rows or B * S > self.max_tokens or S > self.model.config.max_position_embeddings:
+        if self.broken or rows < 1 or B > self.max_rows or B * S > self.max_tokens or S > self.model.config.max_position_embeddings:
             return None
         return B, S
 
-    def fits(self, inputs: List[List[int]]) -> bool:
-        return bool(inputs) and self.bucket(len(inputs), max(len(t) for t in inputs)) is not None
-
-    def embed(self, inputs: List[List[int]]) -> Tuple[np.ndarray, np.ndarray]:
-        """Token-id lists -> ([n, H] float32 means over real tokens, [moe layers, E] expert counts)."""
-        key = self.bucket(len(inputs), max(len(t) for t in inputs))
+    def embed(self, inputs: List[List[int]]) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """Token-id lists -> ([n, H] float32 means over real tokens, [moe layers, E] expert counts),
+        or None where the batch fits no bucket or the graphs are off: then the caller runs eagerly."""
+        key = self.bucket(len(inputs), max(len(t) for t in inputs)) if inputs else None
         if key is None:
-            raise ValueError(f"{len(inputs)} texts of up to {max(len(t) for t in inputs)} tokens exceed the graphs' buckets")
+            return None
         B, S = key
         ids = np.full((B, S), self.pad_id, dtype=np.int64)
         mask = np.zeros((B, S), dtype=np.int64)
         for i, t in enumerate(inputs):
             ids[i, :len(t)] = t
             mask[i, :len(t)] = 1
-        g = self.graphs.get(key) or self._build(key)
+        new = key not in self.graphs
+        try:
+            g = self.graphs.get(key) or self._build(key)
+            with torch.inference_mode():
+                g.ids.copy_(torch.from_numpy(ids))
+                g.mask.copy_(torch.from_numpy(mask))
+                if g.graph is not None:
+                    g.graph.replay()
+                    pooled, counts = g.pooled, g.counts
+                else:
+                    pooled, counts = self.model.embed_static(g.ids, g.mask)
+                pooled, counts = pooled[:len(inputs)].cpu().numpy(), counts.cpu().numpy()
+            if new:  # off CUDA too, where the tests exercise it
+                self._check(ids[:len(inputs)], mask[:len(inputs)], pooled)
+        except torch.cuda.OutOfMemoryError:
+            raise  # not a property of the graphs: the eager path needs the memory too
+        except Exception as e:  # noqa: BLE001 - a capture the driver refused, or a replay that disagrees
+            self.broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.graphs.clear()
+            warnings.warn(f"CUDA graphs turned off ({self.broken}); short batches run eagerly", RuntimeWarning, stacklevel=2)
+            return None
+        return pooled, counts
+
+    def _check(self, ids: np.ndarray, mask: np.ndarray, pooled: np.ndarray) -> None:
+        """The first replay of a new graph against the model's own forward pass on the same texts."""
+        L = int(mask.sum(1).max())
         with torch.inference_mode():
-            g.ids.copy_(torch.from_numpy(ids))
-            g.mask.copy_(torch.from_numpy(mask))
-            if g.graph is not None:
-                g.graph.replay()
-                pooled, counts = g.pooled, g.counts
-            else:
-                pooled, counts = self.model.embed_static(g.ids, g.mask)
-            return pooled[:len(inputs)].cpu().numpy(), counts.cpu().numpy()
+            t = torch.from_numpy(ids[:, :L]).to(self.device)
+            m = torch.from_numpy(mask[:, :L]).to(self.device)
+            hidden = self.model(input_ids=t, attention_mask=m).last_hidden_state.float()
+            mf = m[..., None].float()
+            want = ((hidden * mf).sum(1) / mf.sum(1).clamp(min=1e-9)).cpu()
+        got = torch.from_numpy(pooled)
+        cos = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()
+        need = AGREE.get(next(self.model.parameters()).dtype, 0.995)
+        if not cos >= need:  # NaN fails too
+            raise RuntimeError(f"a replayed graph of {ids.shape[0]} x {ids.shape[1]} tokens disagrees with forward "
+                               f"(min cosine {cos:.5f} < {need})")
 
     def _build(self, key: Tuple[int, int]) -> _Graph:
         B, S = key

@@ -81,9 +81,11 @@ class Encoder:
                 return_overflowing_tokens=False,
             )
             truncated += int((batch["attention_mask"].sum(1) >= MAX_SEQ_LENGTH).sum())
+            graphed = None
             if self.graphs is not None and self.graphs.bucket(*batch["input_ids"].shape) is not None:
-                rows = [r[m.bool()].tolist() for r, m in zip(batch["input_ids"], batch["attention_mask"])]
-                pooled = F.normalize(torch.from_numpy(self.graphs.embed(rows)[0]), dim=-1)
+                graphed = self.graphs.embed([r[m.bool()].tolist() for r, m in zip(batch["input_ids"], batch["attention_mask"])])
+            if graphed is not None:
+                pooled = F.normalize(torch.from_numpy(graphed[0]), dim=-1)
             else:
                 ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
                 pooled = self.model(input_ids=ids, attention_mask=mask, return_sentence_embedding=True).sentence_embedding

@@ -77,9 +77,8 @@ class TorchBackend:
         return hasattr(self.model, "embed_packed")
 
     def embed(self, inputs: List[List[int]]) -> np.ndarray:
-        if self.graphs is not None and self.graphs.fits(inputs):
-            return self._embed_graphed(inputs)
-        return self.embed_eager(inputs)
+        out = self._embed_graphed(inputs)
+        return out if out is not None else self.embed_eager(inputs)
 
     def embed_eager(self, inputs: List[List[int]]) -> np.ndarray:
         """The packed forward pass, whatever the batch (warm-up runs it once beside the graphs)."""
@@ -100,8 +99,18 @@ class TorchBackend:
             t, m = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
             return self._pool(self.model(input_ids=t, attention_mask=m).last_hidden_state, m, pending)
 
-    def _embed_graphed(self, inputs: List[List[int]]) -> np.ndarray:
-        pooled, counts = self.graphs.embed(inputs)
+    def _embed_graphed(self, inputs: List[List[int]]) -> Optional[np.ndarray]:
+        """Through the CUDA graphs, or None where the batch fits none (or they were turned off)."""
+        if self.graphs is None:
+            return None
+        running, self._pending = self._pending, []  # a new graph's check runs forward: not the preempted batch's counts
+        try:
+            out = self.graphs.embed(inputs)
+        finally:
+            self._pending = running
+        if out is None:
+            return None
+        pooled, counts = out
         if counts.shape[0] == len(self.moe_layers):
             self.expert_pairs += counts
         return pooled
@@ -120,8 +129,9 @@ class TorchBackend:
         returns the pooled [n, H] float32. Between two yields the caller may run other batches (the
         query lane preempting bulk work); the model's own embed_packed and layers, as its forward, so the same vectors."""
         torch, model = self.torch, self.model
-        if graphs and self.graphs is not None and self.graphs.fits(inputs):
-            return self._embed_graphed(inputs)  # a few milliseconds: nothing to preempt
+        out = self._embed_graphed(inputs) if graphs else None
+        if out is not None:
+            return out  # a few milliseconds: nothing to preempt
         ids, mask = pad_batch(inputs, list(range(len(inputs))), self.pad_id)
         pending = []  # this batch's routing counts: a preempting batch in between keeps its own
         self._pending = pending

@@ -76,7 +76,7 @@ def test_buckets():
     assert g.bucket(65, 10) is None  # rows over max_rows
     assert g.bucket(16, 300) is None  # 16 x 512 over max_tokens: the sparse eager path
     assert g.bucket(1, 513) is None
-    assert not g.fits([])
+    assert g.embed([]) is None
 
 
 def test_graphed_embedder_is_batch_invariant_and_matches_forward(models):
@@ -135,3 +135,40 @@ def test_encoder_short_batches_through_the_graphs_match(ckpts):
     got, got32 = enc.encode(texts, prompt="query"), enc.encode(texts, prompt="query", dim=32)
     assert enc.graphs.graphs, "the batch did not take the graphs path"
     assert (got - want).abs().max().item() <= ATOL and (got32 - want32).abs().max().item() <= ATOL
+
+
+def test_a_failed_capture_or_a_disagreeing_replay_turns_the_graphs_off(models, monkeypatch):
+    """Graphs are a speed path: a capture the driver refuses, or a first replay that disagrees with
+    forward, turns them off with one warning, and the callers' eager path gives the vectors."""
+    model, W, cfg = models("8x2")
+    ids, mask = random_batch([7, 30], cfg["vocab_size"], seed=5)
+    rows = real_rows(ids, mask)
+
+    g = GraphedEmbedder(model, pad_id=1)
+    monkeypatch.setattr(g, "_build", lambda key: (_ for _ in ()).throw(RuntimeError("operation not permitted when stream is capturing")))
+    with pytest.warns(RuntimeWarning, match="CUDA graphs turned off"):
+        assert g.embed(rows) is None
+    assert "stream is capturing" in g.broken and g.bucket(1, 8) is None
+    monkeypatch.undo()
+
+    g = GraphedEmbedder(model, pad_id=1)
+    real = model.embed_static
+    monkeypatch.setattr(model, "embed_static", lambda i, m: (lambda p, c: (p.flip(-1), c))(*real(i, m)))
+    with pytest.warns(RuntimeWarning, match="disagrees with forward"):
+        assert g.embed(rows) is None
+    assert g.embed(rows) is None and not g.graphs
+
+
+def test_the_server_backend_falls_back_when_the_graphs_turn_off(ckpts, monkeypatch):
+    from test_serve_backend import reference, texts
+
+    from nomic_moe_serving.backend import TorchBackend
+
+    b = TorchBackend(ckpts.converted(), threads=1)
+    b.graphs = GraphedEmbedder(b.model, b.pad_id)
+    monkeypatch.setattr(b.graphs, "_build", lambda key: (_ for _ in ()).throw(RuntimeError("capture failed")))
+    inputs = texts(np.random.default_rng(4), [9, 20])
+    with pytest.warns(RuntimeWarning):
+        got = b.embed(inputs)
+    np.testing.assert_allclose(got, reference(b.model, inputs), atol=ATOL, rtol=0)
+    assert (b.expert_pairs.sum(1) == 2 * sum(map(len, inputs))).all()  # counted once, by the eager path
