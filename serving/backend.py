@@ -151,7 +151,8 @@ class TorchBackend:
         moe = next((layer.mlp.experts for layer in layers if layer.is_moe), None)
         out = {"attention": layers[0].attn.last_used, "experts": getattr(moe, "last_used", None) or getattr(moe, "implementation", None)}
         if self.graphs is not None:
-            out["short batches"] = f"CUDA graphs (padded attention, dense experts) up to {self.graphs.max_tokens} padded tokens"
+            out["short batches"] = (f"eager: CUDA graphs turned off ({self.graphs.broken})" if self.graphs.broken else
+                                    f"CUDA graphs (padded attention, dense experts) up to {self.graphs.max_tokens} padded tokens")
         return out
 
 
