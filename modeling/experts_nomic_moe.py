@@ -26,6 +26,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .cpu_nomic_moe import bf16_native
+
 
 def experts_eager(x, routing, w1, w2):
     out = torch.zeros_like(x)
@@ -115,7 +117,7 @@ PACK_HINT = 64  # rows the packed layout is tuned for; measured: the same layout
 
 
 def pack_experts(w1, w2):
-    """Each expert's two matrices as oneDNN-packed [out, in] weights, made once (fp32, CPU).
+    """Each expert's two matrices as oneDNN-packed [out, in] weights, made once (fp32 or native bf16, CPU).
 
     F.linear hands an unpacked weight to the GEMM library, which re-lays it out in every call; at the
     few rows per expert of a short query that re-layout costs as much as the product (1.6-1.8x at
@@ -125,7 +127,7 @@ def pack_experts(w1, w2):
 
 
 def pack_linear(w):
-    """One [out, in] weight in oneDNN's packed layout (fp32, CPU): the attention and dense-MLP matrices."""
+    """One [out, in] weight in oneDNN's packed layout (fp32 or native bf16, CPU): the attention and dense-MLP matrices."""
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_HINT)
 
 
@@ -139,12 +141,20 @@ def cpu_pack_enabled() -> bool:
 
 
 def can_run_packed(x) -> bool:
-    """fp32 inference on the CPU, eager: the packed copies hold no autograd history, and a compiler
-    or exporter must see the stored weights, not an opaque oneDNN tensor. The device is asked of
-    Target.of, as everywhere, so that a simulated GPU (doctor, tests) is honoured."""
+    """fp32, or bf16 where the CPU computes it natively, inference on the CPU, eager: the packed
+    copies hold no autograd history, and a compiler or exporter must see the stored weights, not an
+    opaque oneDNN tensor. The device is asked of Target.of, as everywhere, so that a simulated GPU
+    (doctor, tests) is honoured."""
     compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
-    return (x.dtype == torch.float32 and not torch.is_grad_enabled() and not compiling and not torch.jit.is_tracing()
+    packs_dtype = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and bf16_native())
+    return (packs_dtype and not torch.is_grad_enabled() and not compiling and not torch.jit.is_tracing()
             and Target.of(x.device, x.dtype).device == "cpu" and packed_available())
+
+
+def use_packed(rows: int, dtype: torch.dtype) -> bool:
+    """Whether a product of ``rows`` rows takes the packed weights: fp32 up to PACKED_MAX_ROWS, bf16 at
+    any size (measured on AVX512_BF16: packed is 1.6-2.3x faster at 8 rows and no slower at 2048)."""
+    return dtype == torch.bfloat16 or rows <= PACKED_MAX_ROWS
 
 
 class PackCache:
@@ -179,10 +189,10 @@ PACKED_MAX_ROWS = 128
 
 
 def experts_packed(x, routing, packs, w1, w2):
-    """experts_sorted with a short segment's weights from ``packs()`` (pack_experts, made on first need):
-    same dispatch, same math; a long segment takes the stored weights, as experts_sorted does."""
+    """experts_sorted with a segment's weights from ``packs()`` (pack_experts, made on first need):
+    same dispatch, same math; a long fp32 segment takes the stored weights (use_packed)."""
     def ffn(e, rows):
-        if rows.shape[0] > PACKED_MAX_ROWS:
+        if not use_packed(rows.shape[0], rows.dtype):
             return expert_ffn(rows, w1, w2, e)
         ups, downs = packs()
         return packed_linear(F.gelu(packed_linear(rows, ups[e])), downs[e])

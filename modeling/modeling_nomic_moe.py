@@ -38,7 +38,6 @@ from .configuration_nomic_moe import NomicBertConfig, NomicMoEConfig
 from .cpu_nomic_moe import int8_engine, warn_if_emulated_bf16, why_no_int8
 from .experts_nomic_moe import (
     BACKENDS,
-    PACKED_MAX_ROWS,
     PackCache,
     Target,
     auto_choice,
@@ -55,6 +54,7 @@ from .experts_nomic_moe import (
     packed_linear,
     run_auto,
     run_first,
+    use_packed,
     why_unavailable,
 )
 from .int8_nomic_moe import GROUPS as INT8_GROUPS
@@ -190,10 +190,11 @@ def is_exporting() -> bool:
 
 
 class NomicMoELinear(nn.Linear):
-    """nn.Linear (same parameters, same state dict) whose fp32 CPU inference uses its weight packed
-    once in oneDNN's layout, for calls of up to PACKED_MAX_ROWS rows: F.linear re-lays the weight out
-    in every call, which at a short query's few rows costs about as much as the product; at batch
-    sizes the stored layout is as fast or faster (RESULTS.md, "CPU: packed or not, by rows")."""
+    """nn.Linear (same parameters, same state dict) whose CPU inference in fp32 (and in bf16 where the
+    CPU has it natively) uses its weight packed once in oneDNN's layout (use_packed: fp32 up to
+    PACKED_MAX_ROWS rows, bf16 always): F.linear re-lays the weight out in every call, which at a
+    short query's few rows costs about as much as the product; at fp32 batch sizes the stored layout
+    is as fast or faster (RESULTS.md, "CPU: packed or not, by rows")."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -201,8 +202,8 @@ class NomicMoELinear(nn.Linear):
         self._pack = PackCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pack_cpu and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS and can_run_packed(x) \
-                and self.weight.dtype == torch.float32:
+        if self.pack_cpu and x.dim() == 2 and use_packed(x.shape[0], x.dtype) and can_run_packed(x) \
+                and self.weight.dtype == x.dtype:
             return packed_linear(x, self._pack.get(pack_linear, self.weight), self.bias)
         return super().forward(x)
 
@@ -476,8 +477,8 @@ class NomicMoEExperts(nn.Module):
         self.implementation = config.moe_implementation  # "auto" or a name in BACKENDS
         self.last_used = None
         self.int8 = None  # Int8Experts after quantize_int8()
-        # fp32 inference on the CPU packs the expert matrices once in oneDNN's layout (a second copy,
-        # 906 MB at the real size); NOMIC_MOE_CPU_PACK=0 keeps only the stored weights
+        # fp32 (and native bf16) inference on the CPU packs the expert matrices once in oneDNN's layout
+        # (a second copy, 906 MB fp32 / 453 MB bf16 at the real size); NOMIC_MOE_CPU_PACK=0 keeps only the stored weights
         self.pack_cpu = cpu_pack_enabled()
         self._pack, self._w2_t = PackCache(), PackCache()
 
@@ -487,7 +488,7 @@ class NomicMoEExperts(nn.Module):
             return self.int8(x, routing, dispatch_sorted) + self.bias
         w1, w2 = self.mlp.per_expert()
         target = Target.of(x.device, x.dtype)
-        if self.pack_cpu and can_run_packed(x) and w1.dtype == torch.float32 \
+        if self.pack_cpu and can_run_packed(x) and w1.dtype == x.dtype \
                 and self.implementation == "auto" and auto_choice(target, False) == "sorted":
             self.last_used = "sorted (packed)"  # the floor's math with the weights laid out once
             return experts_packed(x, routing, lambda: self._pack.get(pack_experts, w1, w2), w1, w2) + self.bias

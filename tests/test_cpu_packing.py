@@ -1,9 +1,10 @@
 """The CPU fast path beside the plain one: w2 packed once as [out, in] rows, same results."""
 
+import pytest
 import torch
 
 from nomic_moe_modeling.experts_nomic_moe import BACKENDS, experts_sorted, pack_w2
-from nomic_moe_modeling.modeling_nomic_moe import NomicMoEModel
+from nomic_moe_modeling.modeling_nomic_moe import NomicMoELinear, NomicMoEModel
 from test_experts import make_case
 
 
@@ -30,10 +31,27 @@ def test_packed_w2_bf16_matches_unpacked():
     assert torch.nn.functional.cosine_similarity(packed, plain, dim=-1).min() > 0.9999
 
 
-def test_bf16_model_packs_once_and_repacks_after_a_weight_change(ckpts):
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_model_packs_once_and_repacks_after_a_weight_change(ckpts, monkeypatch, native):
+    """bf16 on a CPU that emulates it keeps w2 transposed once (pack_w2); where the CPU computes bf16
+    natively every matrix is prepacked in oneDNN's layout instead, as fp32 is (the same sums)."""
+    import nomic_moe_modeling.experts_nomic_moe as ex
+
+    if native and not (ex.packed_available() and ex.bf16_native()):
+        pytest.skip("oneDNN's packed bf16 linear runs only where the CPU has AVX512_BF16 or AMX")
+    monkeypatch.setattr(ex, "bf16_native", lambda isa=None: native)
     model = NomicMoEModel.from_pretrained(ckpts.converted(num_experts=4, top_k=2, num_layers=2), dtype=torch.bfloat16).eval()
     ids = torch.randint(3, 400, (2, 9))
     experts = next(l for l in model.encoder.layers if l.is_moe).mlp.experts
+    if native:
+        with torch.no_grad():
+            packed = model(input_ids=ids).last_hidden_state.float()
+            assert experts.last_used == "sorted (packed)" and experts._pack.value is not None
+            assert all(m._pack.value is not None for m in model.modules() if isinstance(m, NomicMoELinear))
+            set_cpu_pack(model, False)
+            plain = model(input_ids=ids).last_hidden_state.float()
+        assert torch.nn.functional.cosine_similarity(packed.flatten(0, 1), plain.flatten(0, 1), dim=-1).min() > 0.999
+        return
     with torch.no_grad():
         ref = model(input_ids=ids).last_hidden_state.float()
         first = experts._w2_t.value
