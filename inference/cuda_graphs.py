@@ -51,7 +51,7 @@ class GraphedEmbedder:
         self.max_rows = max_rows
         self.device = next(model.parameters()).device
         self.capture = self.device.type == "cuda"
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.pool = None  # one memory pool for all the graphs, made at the first capture
         self.graphs: Dict[Tuple[int, int], _Graph] = {}
         self.broken: Optional[str] = None  # why the graphs were turned off, once they were
 
@@ -127,17 +127,20 @@ class GraphedEmbedder:
             if not self.capture:
                 g = _Graph(ids, mask, None, None, None)
             else:
-                # warm-up on a side stream first, as torch.cuda.graphs asks: kernel choice and lazy init stay out of the graph
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        self.model.embed_static(ids, mask)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: a server's other threads may touch CUDA while its model thread captures
-                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                    pooled, counts = self.model.embed_static(ids, mask)
+                with torch.cuda.device(self.device):  # the model's card, not whichever is current (cuda:1 ...)
+                    # warm-up on a side stream first, as torch.cuda.graphs asks: kernel choice and lazy init stay out of the graph
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        for _ in range(2):
+                            self.model.embed_static(ids, mask)
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    if self.pool is None:
+                        self.pool = torch.cuda.graph_pool_handle()
+                    # thread_local: a server's other threads may touch CUDA while its model thread captures
+                    with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                        pooled, counts = self.model.embed_static(ids, mask)
                 g = _Graph(ids, mask, pooled, counts, graph)
         self.graphs[key] = g
         return g
