@@ -41,13 +41,13 @@ def case(N, dtype, device, H=768, I=3072, E=8, k=2, seed=0):
 
 def graphs_check(gpu_model, cpu_model, dev):
     """Short batches through captured CUDA graphs (GraphedEmbedder) at the real size, against fp32 on the CPU; and their latency."""
-    import time
-
     import numpy as np
 
+    from nomic_moe_inference.batching import pad_batch
+    from nomic_moe_inference.bench import query_latency_graphed
     from nomic_moe_inference.cuda_graphs import GraphedEmbedder
 
-    g = GraphedEmbedder(gpu_model, pad_id=1)
+    g = GraphedEmbedder(gpu_model, pad_id=1)  # built here, not by for_model: the CPU smoke run of this check uses it too
     rng = np.random.default_rng(0)
     for lengths in ([32], [12, 40, 7], [128] * 8, [30] * 64, [7]):
         rows = [[0] + rng.integers(3, 250000, n - 2).tolist() + [2] for n in lengths]
@@ -56,23 +56,13 @@ def graphs_check(gpu_model, cpu_model, dev):
             check("CUDA graphs", False, f"turned off: {g.broken}")
             return
         got = out[0]
-        ids = torch.ones(len(rows), max(lengths), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), 1
+        ids, mask = (torch.from_numpy(a) for a in pad_batch(rows, list(range(len(rows))), 1))
         with torch.no_grad():
             want = cpu_model(input_ids=ids, attention_mask=mask, return_sentence_embedding=True).sentence_embedding
         c = F.cosine_similarity(torch.from_numpy(got), want, dim=-1).min().item()
         check(f"CUDA graph bf16, {len(rows)} x up to {max(lengths)} tokens, vs fp32 cpu", c >= 0.999, f"min cosine {c:.5f}")
     for n in (32, 128):
-        row = [[0] + rng.integers(3, 250000, n - 2).tolist() + [2]]
-        g.embed(row)
-        times = []
-        for _ in range(50):
-            t0 = time.perf_counter()
-            g.embed(row)
-            times.append(time.perf_counter() - t0)
-        print(f"CUDA graph: one {n}-token query p50 {1e3 * sorted(times)[25]:.2f} ms, p99 {1e3 * sorted(times)[49]:.2f} ms "
+        print(f"CUDA graph: one {n}-token query p50 {query_latency_graphed(gpu_model, dev, n):.2f} ms "
               f"(ids in, vector back on the host)", flush=True)
 
 

@@ -1,6 +1,6 @@
 """What several tools share: facts of the published model (SPEC §3) and how texts are batched."""
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -32,11 +32,13 @@ def token_batches(lengths: List[int], batch_tokens: int) -> List[List[int]]:
     return batches
 
 
-def pad_batch(token_ids: Sequence[Sequence[int]], idx: List[int], pad_id: int = PAD_ID) -> Tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask) int64 [len(idx), longest]: the texts idx of token_ids, right-padded."""
-    width = max(len(token_ids[i]) for i in idx)
-    ids = np.full((len(idx), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(idx), width), dtype=np.int64)
+def pad_batch(token_ids: Sequence[Sequence[int]], idx: List[int], pad_id: int = PAD_ID,
+              shape: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) int64 [len(idx), longest]: the texts idx of token_ids, right-padded;
+    ``shape`` (rows, width) pads to a larger fixed shape instead (a CUDA graph's bucket; extra rows are all padding)."""
+    rows, width = shape or (len(idx), max(len(token_ids[i]) for i in idx))
+    ids = np.full((rows, width), pad_id, dtype=np.int64)
+    mask = np.zeros((rows, width), dtype=np.int64)
     for row, i in enumerate(idx):
         n = len(token_ids[i])
         ids[row, :n] = token_ids[i]

@@ -199,11 +199,11 @@ def query_latency(model, device, n=32, repeats=20):
 
 def query_latency_graphed(model, device, n=32, repeats=50):
     """A 32-token query through a captured CUDA graph (nomic_moe_inference.cuda_graphs), ids in and vector out"""
-    from nomic_moe_inference.cuda_graphs import GraphedEmbedder
+    from .cuda_graphs import GraphedEmbedder
 
-    if device.type != "cuda" or not GraphedEmbedder.available(model):
+    g = GraphedEmbedder.for_model(model)
+    if g is None:
         return None
-    g = GraphedEmbedder(model, pad_id=1)
     ids = [torch.randint(3, 1000, (n,)).tolist()]
     if g.embed(ids) is None:  # the capture, checked against forward
         log(f"CUDA graphs: {g.broken}")
@@ -238,6 +238,8 @@ def build_model(device, seed=0):
 
 def bench(device="cpu", dtypes=("float32", "bfloat16"), n_texts=64, batch_size=32, threads=None,
           backends=None, sorted_batches=(False, True), upstream=True, out=None, repeats=2):
+    from nomic_moe_modeling.experts_nomic_moe import Target, why_unavailable
+
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -293,8 +295,6 @@ def bench(device="cpu", dtypes=("float32", "bfloat16"), n_texts=64, batch_size=3
         log(f"{dname}: one 32-token query {extras[dname]['query32_ms']:.1f} ms (auto backend)"
             + (f", {graphed:.2f} ms through a CUDA graph" if graphed else "") + "; MoE block "
             f"{extras[dname]['moe_layer']['ratio']:.2f}x a dense GEMM pair of the same FLOPs")
-        from nomic_moe_modeling.experts_nomic_moe import Target, why_unavailable
-
         runnable = []  # grouped_mm takes bf16 only: fp16 on an H200 skips it, with the reason
         for b in backends:
             why = why_unavailable(b, Target.of(device, dtype), False)

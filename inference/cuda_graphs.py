@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .batching import pad_batch
+
 MIN_LEN = 16
 AGREE = {torch.float32: 0.99999, torch.float16: 0.995, torch.bfloat16: 0.995}  # min cosine of a first replay to forward
 
@@ -61,6 +63,15 @@ class GraphedEmbedder:
         experts = [layer.mlp.experts for layer in model.encoder.layers if layer.is_moe]
         return hasattr(model, "embed_static") and all(e.int8 is None for e in experts)
 
+    @classmethod
+    def for_model(cls, model) -> Optional["GraphedEmbedder"]:
+        """The graphs for a model on CUDA, or None (off CUDA, older model files, int8): what Encoder,
+        the server and bench use."""
+        if next(model.parameters()).device.type != "cuda" or not cls.available(model):
+            return None
+        pad = model.config.pad_token_id
+        return cls(model, pad if pad is not None else 1)
+
     def bucket(self, rows: int, length: int) -> Optional[Tuple[int, int]]:
         """(B, S) for a batch of ``rows`` texts of at most ``length`` tokens, or None where it takes the eager path."""
         B, S = _pow2(rows), _pow2(length, MIN_LEN)
@@ -74,12 +85,7 @@ class GraphedEmbedder:
         key = self.bucket(len(inputs), max(len(t) for t in inputs)) if inputs else None
         if key is None:
             return None
-        B, S = key
-        ids = np.full((B, S), self.pad_id, dtype=np.int64)
-        mask = np.zeros((B, S), dtype=np.int64)
-        for i, t in enumerate(inputs):
-            ids[i, :len(t)] = t
-            mask[i, :len(t)] = 1
+        ids, mask = pad_batch(inputs, list(range(len(inputs))), self.pad_id, shape=key)
         new = key not in self.graphs
         try:
             g = self.graphs.get(key) or self._build(key)
@@ -107,12 +113,9 @@ class GraphedEmbedder:
         """The first replay of a new graph against the model's own forward pass on the same texts."""
         L = int(mask.sum(1).max())
         with torch.inference_mode():
-            t = torch.from_numpy(ids[:, :L]).to(self.device)
-            m = torch.from_numpy(mask[:, :L]).to(self.device)
-            hidden = self.model(input_ids=t, attention_mask=m).last_hidden_state.float()
-            mf = m[..., None].float()
-            want = ((hidden * mf).sum(1) / mf.sum(1).clamp(min=1e-9)).cpu()
-        got = torch.from_numpy(pooled)
+            t, m = (torch.from_numpy(a[:, :L]).to(self.device) for a in (ids, mask))
+            want = self.model(input_ids=t, attention_mask=m, return_sentence_embedding=True).sentence_embedding.float().cpu()
+        got = torch.from_numpy(pooled)  # the mean, not normalised: the cosine does not mind
         cos = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()
         need = AGREE.get(next(self.model.parameters()).dtype, 0.995)
         if not cos >= need:  # NaN fails too

@@ -11,6 +11,7 @@ from nomic_moe_files import checks
 from nomic_moe_files.errors import UserError
 
 from .batching import MAX_SEQ_LENGTH, length_batches
+from .cuda_graphs import GraphedEmbedder
 
 
 
@@ -47,13 +48,7 @@ class Encoder:
         self.dtype = resolved
         self.device = device
         self.prompts = checks.prompts(self.model_dir)
-        self.graphs = None  # on CUDA, short batches replay captured graphs: a lone query is launch-bound otherwise
-        if str(device).startswith("cuda"):
-            from .cuda_graphs import GraphedEmbedder
-
-            if GraphedEmbedder.available(self.model):
-                pad = self.model.config.pad_token_id
-                self.graphs = GraphedEmbedder(self.model, pad if pad is not None else 1)
+        self.graphs = GraphedEmbedder.for_model(self.model)  # on CUDA, short batches replay captured graphs (launch-bound otherwise)
 
     def prompt_text(self, prompt: Optional[str]) -> str:
         if prompt is None:

@@ -749,10 +749,11 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         )
         return out if return_dict else out.to_tuple()
 
-    def embed_packed(self, input_ids, mask, token_type_ids=None, graph: bool = False):
+    def embed_packed(self, input_ids, mask, token_type_ids=None, graph: bool = False, static: bool = False):
         """[B, S] ids and bool mask -> (Packing, [N, H] embeddings of the real tokens): the forward
-        pass before the first layer (a server that runs the layers one by one starts here)."""
-        packing = Packing.from_mask(mask, graph=graph)
+        pass before the first layer (a server that runs the layers one by one starts here).
+        ``static``: every position, padding included (Packing.static, for embed_static)."""
+        packing = Packing.static(mask) if static else Packing.from_mask(mask, graph=graph)
         ids = packing.pack(input_ids)  # [N]
         types = packing.pack(token_type_ids) if token_type_ids is not None else torch.zeros_like(ids)
         x = self.emb_ln(self.embeddings(ids, types))  # [N, H]
@@ -771,9 +772,7 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         every expert's weights anyway; nomic_moe_inference.cuda_graphs captures it per batch shape.
         The inputs are not checked here (a check reads them back): the caller checks them.
         """
-        packing = Packing.static(mask)
-        ids = input_ids.flatten()  # [B*S]
-        x = self.emb_ln(self.embeddings(ids, torch.zeros_like(ids)))  # [B*S, H]
+        packing, x = self.embed_packed(input_ids, mask, static=True)  # [B*S, H]: every position
         counts = []
         real = mask.flatten().to(torch.long)[:, None]  # [B*S, 1]: padding counts for no expert
         for layer in self.encoder.layers:

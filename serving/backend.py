@@ -56,12 +56,9 @@ class TorchBackend:
         self.moe_layers = [i for i, layer in enumerate(model.encoder.layers) if layer.is_moe]
         self.expert_pairs = np.zeros((len(self.moe_layers), model.config.num_experts), dtype=np.int64)
         self._pending = []  # routing counts of the running forward pass (device tensors)
-        self.graphs = None  # short batches on CUDA: captured CUDA graphs (launch-bound otherwise)
-        if str(device).startswith("cuda") and graphs:
-            from nomic_moe_inference.cuda_graphs import GraphedEmbedder
+        from nomic_moe_inference.cuda_graphs import GraphedEmbedder
 
-            if GraphedEmbedder.available(model):
-                self.graphs = GraphedEmbedder(model, self.pad_id)
+        self.graphs = GraphedEmbedder.for_model(model) if graphs else None  # short batches on CUDA (launch-bound otherwise)
         for layer in model.encoder.layers:
             if layer.is_moe:
                 layer.mlp.register_forward_hook(self._record_routing)

@@ -6,25 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import published
 from plain_reference import embed_one
-from test_model import ATOL, CONFIGS, random_batch, real_rows
+from test_model import ATOL, CONFIGS, models, random_batch, real_rows  # noqa: F401 (models: the shared fixture)
 
 from nomic_moe_inference.cuda_graphs import GraphedEmbedder
 from nomic_moe_modeling.modeling_nomic_moe import NomicMoEModel
-
-
-@pytest.fixture(scope="module")
-def models(ckpts):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            folder = ckpts.converted(**CONFIGS[name])
-            cache[name] = (NomicMoEModel.from_pretrained(folder, dtype=torch.float32).eval(), *published(ckpts.source(**CONFIGS[name])))
-        return cache[name]
-
-    return get
 
 
 def forward_counts(model, ids, mask):
