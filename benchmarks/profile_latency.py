@@ -29,11 +29,15 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linea
 def build(dtype):
     from nomic_moe_inference.bench import build_model
 
+    from nomic_moe_inference.cpu import use_cpu_kernels
+
     model = build_model("cpu").eval()
     if dtype == "int8":
         model.quantize_int8()
     elif dtype != "float32":
         model = model.to(getattr(torch, dtype))
+    if os.environ.get("NOMIC_MOE_SMALL_GEMM", "1") != "0":
+        print(f"[profile] {dtype}: {use_cpu_kernels(model)}", file=sys.stderr)
     return model
 
 

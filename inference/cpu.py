@@ -34,7 +34,8 @@ NAMES = ("auto", "fastest", "float32", "bfloat16", "float16", "int8")
 FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-__all__ = ["CPU_TABLE", "EMULATED_BF16_COST", "ISAS", "NAMES", "describe", "dtype_name", "resolve_dtype", "runnable_dtypes"]
+__all__ = ["CPU_TABLE", "EMULATED_BF16_COST", "ISAS", "NAMES", "describe", "dtype_name", "resolve_dtype", "runnable_dtypes",
+           "use_cpu_kernels"]
 
 
 def _device_type(device) -> str:
@@ -116,3 +117,18 @@ def describe(isa: Optional[str] = None) -> dict:
         "experts_why": plan.experts_why if plan else "",
         "threads": torch.get_num_threads(),
     }
+
+
+def use_cpu_kernels(model) -> Optional[str]:
+    """Gives a model on the CPU the package's few-row kernel (nomic_moe_kernels.small_gemm) for its
+    short inputs. Returns what runs, in words, for the logs; the model is unchanged where the kernel
+    cannot run (oneDNN's packed weights then serve, slower for a short query)."""
+    from nomic_moe_kernels import small_gemm
+
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu" or not hasattr(model, "set_cpu_kernel"):
+        return None
+    kernel = small_gemm.install(model)
+    if kernel is None:
+        return f"few-row kernel off: {small_gemm.why_unavailable()}"
+    return f"few-row kernel ({kernel.width}-column panels, {', '.join(dtype_name(d) for d in kernel.dtypes())})"

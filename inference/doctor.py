@@ -100,9 +100,17 @@ def notes(target, cap) -> list:
 
 def cpu_report(isa: Optional[str], dtype: str) -> dict:
     """This CPU's (or the simulated ISA's) row of the CPU table: ISA, auto dtype, int8 kernel."""
+    from nomic_moe_kernels import small_gemm
+
     from .cpu import describe
 
-    return describe(isa)
+    out = describe(isa)
+    if not out["simulated"]:  # the few-row kernel is built for this CPU only (-march=native)
+        k = small_gemm.load()
+        out["few_row_kernel"] = ({"available": True, "dtypes": [str(d).replace("torch.", "") for d in k.dtypes()],
+                                  "max_rows": max(small_gemm.MAX_ROWS.values()), "library": str(k.path)} if k else
+                                 {"available": False, "why": small_gemm.why_unavailable()})
+    return out
 
 
 def cpu_notes(isa: Optional[str], dtype: str) -> list:
@@ -129,6 +137,10 @@ def print_report(r: dict) -> None:
     print(f"           auto dtype {c['dtype']} ({'native bf16' if c['bf16_native'] else 'bf16 not native: fp32 is the fast float'}), "
           f"int8 kernel {c['int8_kernel'] or 'none'}: {c['int8_why']}"
           + ("; per-token activations (quantize_int8(activations='per_token')) use torch._int_mm" if c["int8_kernel"] else ""))
+    fk = c.get("few_row_kernel")
+    if fk:
+        print("           few-row kernel " + (f"on for {', '.join(fk['dtypes'])} products of up to {fk['max_rows']} rows (short queries)"
+                                            if fk["available"] else f"off: {fk['why']} (oneDNN's packed weights serve short queries)"))
     print(f"dtype      {r['dtype']}")
     print(f"attention  {r['attention']['kernel']}: {r['attention']['why']}")
     for c in r["attention"]["candidates"][1:]:

@@ -12,6 +12,7 @@ from nomic_moe_files.errors import UserError
 
 from .batching import MAX_SEQ_LENGTH, length_batches
 from .cuda_graphs import GraphedEmbedder
+from .loading import load_model
 
 
 
@@ -31,7 +32,7 @@ class Encoder:
         """``dtype``: a torch.dtype or a name: "float32" (exact, the default), "bfloat16", "float16",
         "auto" (the fastest float the device computes natively, see nomic_moe_inference.cpu) or "int8"
         (the CPU's int8 kernels through model.quantize_int8())."""
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from .cpu import resolve_dtype
 
@@ -39,12 +40,7 @@ class Encoder:
         resolved = resolve_dtype(dtype, device)
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
-        load_dtype = torch.float32 if resolved == "int8" else resolved
-        self.model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True, dtype=load_dtype).to(device).eval()
-        if resolved == "int8":
-            if not hasattr(self.model, "quantize_int8"):
-                raise UserError(f"the model code in {model_dir} predates int8 (no quantize_int8)", "convert the checkpoint again with this version")
-            self.model.quantize_int8()
+        self.model, self.cpu_kernel = load_model(model_dir, device, resolved)
         self.dtype = resolved
         self.device = device
         self.prompts = checks.prompts(self.model_dir)

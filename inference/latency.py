@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .bench import build_model, flops_per_token
-from .cpu import describe, runnable_dtypes
+from .cpu import describe, runnable_dtypes, use_cpu_kernels
 
 LENGTHS = (32, 128)
 
@@ -99,6 +99,7 @@ def percentile(times, q: float) -> float:
 
 def models_for(dtypes):
     base = build_model("cpu").eval()
+    log(f"CPU kernels: {use_cpu_kernels(base)}")  # copies below share it
     for d in dtypes:
         if d == "float32":
             yield d, base

@@ -116,14 +116,16 @@ def packed_available() -> bool:
 PACK_HINT = 64  # rows the packed layout is tuned for; measured: the same layout serves 1..512 rows
 
 
-def pack_experts(w1, w2):
-    """Each expert's two matrices as oneDNN-packed [out, in] weights, made once (fp32 or native bf16, CPU).
+def pack_experts(w1, w2, pack=None):
+    """Each expert's two matrices as packed [out, in] weights, made once (fp32 or native bf16, CPU):
+    oneDNN's layout, or ``pack``'s (a CPU kernel's).
 
     F.linear hands an unpacked weight to the GEMM library, which re-lays it out in every call; at the
     few rows per expert of a short query that re-layout costs as much as the product (1.6-1.8x at
     8 rows, RESULTS.md "CPU: prepacked expert weights"). The packed product is the same sum.
     """
-    return [pack_linear(w1[e]) for e in range(w1.shape[0])], [pack_linear(w2[e].T) for e in range(w2.shape[0])]
+    pack = pack or pack_linear
+    return [pack(w1[e]) for e in range(w1.shape[0])], [pack(w2[e].T) for e in range(w2.shape[0])]
 
 
 def pack_linear(w):
@@ -188,10 +190,14 @@ class PackCache:
 PACKED_MAX_ROWS = 128
 
 
-def experts_packed(x, routing, packs, w1, w2):
+def experts_packed(x, routing, packs, w1, w2, kernel=None, kernel_packs=None):
     """experts_sorted with a segment's weights from ``packs()`` (pack_experts, made on first need):
-    same dispatch, same math; a long fp32 segment takes the stored weights (use_packed)."""
+    same dispatch, same math; a long fp32 segment takes the stored weights (use_packed). A CPU
+    kernel (see NomicMoELinear) takes the segments it accepts, its weights from ``kernel_packs()``."""
     def ffn(e, rows):
+        if kernel is not None and kernel.accepts(rows.shape[0], rows.dtype):
+            ups, downs = kernel_packs()
+            return kernel.linear(F.gelu(kernel.linear(rows, ups[e])), downs[e])
         if not use_packed(rows.shape[0], rows.dtype):
             return expert_ffn(rows, w1, w2, e)
         ups, downs = packs()

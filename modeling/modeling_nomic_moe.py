@@ -194,21 +194,31 @@ class NomicMoELinear(nn.Linear):
     CPU has it natively) uses its weight packed once in oneDNN's layout (use_packed: fp32 up to
     PACKED_MAX_ROWS rows, bf16 always): F.linear re-lays the weight out in every call, which at a
     short query's few rows costs about as much as the product; at fp32 batch sizes the stored layout
-    is as fast or faster (RESULTS.md, "CPU: packed or not, by rows")."""
+    is as fast or faster (RESULTS.md, "CPU: packed or not, by rows").
+
+    ``cpu_kernel`` (None, or set by NomicMoEModel.set_cpu_kernel): a kernel of the caller's for the
+    same product, with its own packed layout, taking the calls it accepts before oneDNN does. It
+    has ``accepts(rows, dtype)``, ``pack(weight [out, in])`` and ``linear(x, packed, bias)``; the
+    package's few-row kernel (nomic_moe_kernels.small_gemm) is one."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.pack_cpu = cpu_pack_enabled()
-        self._pack = PackCache()
+        self._pack, self._kernel_pack = PackCache(), PackCache()
+        self.cpu_kernel = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pack_cpu and x.dim() == 2 and use_packed(x.shape[0], x.dtype) and can_run_packed(x) \
-                and self.weight.dtype == x.dtype:
-            return packed_linear(x, self._pack.get(pack_linear, self.weight), self.bias)
+        if self.pack_cpu and x.dim() == 2 and self.weight.dtype == x.dtype and can_run_packed(x):
+            kernel = self.cpu_kernel
+            if kernel is not None and kernel.accepts(x.shape[0], x.dtype):
+                return kernel.linear(x, self._kernel_pack.get(kernel.pack, self.weight), self.bias)
+            if use_packed(x.shape[0], x.dtype):
+                return packed_linear(x, self._pack.get(pack_linear, self.weight), self.bias)
         return super().forward(x)
 
     def _apply(self, fn, *args, **kwargs):
-        self._pack.clear()  # moved or recast: the packed copy no longer matches
+        self._pack.clear()  # moved or recast: the packed copies no longer match
+        self._kernel_pack.clear()
         return super()._apply(fn, *args, **kwargs)
 
 
@@ -480,7 +490,8 @@ class NomicMoEExperts(nn.Module):
         # fp32 (and native bf16) inference on the CPU packs the expert matrices once in oneDNN's layout
         # (a second copy, 906 MB fp32 / 453 MB bf16 at the real size); NOMIC_MOE_CPU_PACK=0 keeps only the stored weights
         self.pack_cpu = cpu_pack_enabled()
-        self._pack, self._w2_t = PackCache(), PackCache()
+        self._pack, self._w2_t, self._kernel_pack = PackCache(), PackCache(), PackCache()
+        self.cpu_kernel = None  # as NomicMoELinear's: takes the expert segments it accepts
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.int8 is not None:
@@ -491,7 +502,9 @@ class NomicMoEExperts(nn.Module):
         if self.pack_cpu and can_run_packed(x) and w1.dtype == x.dtype \
                 and self.implementation == "auto" and auto_choice(target, False) == "sorted":
             self.last_used = "sorted (packed)"  # the floor's math with the weights laid out once
-            return experts_packed(x, routing, lambda: self._pack.get(pack_experts, w1, w2), w1, w2) + self.bias
+            kernel = self.cpu_kernel
+            kernel_packs = None if kernel is None else (lambda: self._kernel_pack.get(functools.partial(pack_experts, pack=kernel.pack), w1, w2))
+            return experts_packed(x, routing, lambda: self._pack.get(pack_experts, w1, w2), w1, w2, kernel, kernel_packs) + self.bias
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled() \
                 and self.implementation in ("auto", "sorted"):
             self.last_used = "sorted"  # half precision on the CPU: w2 packed once as [out, in] rows
@@ -510,6 +523,7 @@ class NomicMoEExperts(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._pack.clear()  # moved or recast: the packed copies no longer match
         self._w2_t.clear()
+        self._kernel_pack.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -634,6 +648,15 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         p = self.embeddings.word_embeddings.weight
         chosen = auto_choice(Target.of(p.device, p.dtype), self.training) if name == "auto" else name
         logger.info(f"NomicMoE: MoE implementation {name!r} -> {chosen} on {p.device.type}/{str(p.dtype).replace('torch.', '')}")
+
+    def set_cpu_kernel(self, kernel) -> None:
+        """A CPU kernel for the linear and expert products it accepts (see NomicMoELinear), or None
+        for oneDNN's packed weights only. With this package installed, the few-row kernel that makes
+        a short query faster on the CPU is ``nomic_moe_kernels.small_gemm.install(model)``."""
+        for m in self.modules():
+            if isinstance(m, (NomicMoELinear, NomicMoEExperts)):
+                m.cpu_kernel = kernel
+                m._kernel_pack.clear()  # another kernel, another layout
 
     @torch.no_grad()
     def quantize_int8(self, groups=INT8_GROUPS, engine: Optional[str] = None, activations: str = "per_batch") -> dict:

@@ -34,7 +34,6 @@ class TorchBackend:
     def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "float32", threads: Optional[int] = None,
                  graphs: bool = True):
         import torch
-        from transformers import AutoModel
 
         if threads:
             torch.set_num_threads(threads)
@@ -42,13 +41,9 @@ class TorchBackend:
         self.device = device
         self.dtype_name = dtype
         checks.model_folder(model_dir)
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}[dtype]
-        model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True, dtype=torch_dtype).to(device).eval()
-        if dtype == "int8":
-            quantize = getattr(model, "quantize_int8", None)
-            if quantize is None:
-                raise UserError("this model's code has no int8 path (quantize_int8)", "update the model files, or use --dtype float32")
-            quantize()
+        from nomic_moe_inference.loading import load_model
+
+        model, self.cpu_kernel = load_model(model_dir, device, dtype)
         self.model = model
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 1
         self.vocab_size = model.config.vocab_size
@@ -150,6 +145,8 @@ class TorchBackend:
         if self.graphs is not None:
             out["short batches"] = (f"eager: CUDA graphs turned off ({self.graphs.broken})" if self.graphs.broken else
                                     f"CUDA graphs (padded attention, dense experts) up to {self.graphs.max_tokens} padded tokens")
+        elif self.cpu_kernel:
+            out["short batches"] = self.cpu_kernel
         return out
 
 

@@ -60,13 +60,9 @@ class PartEmbedder:
             self.session = session(Path(s["model_dir"]) / s["onnx"], "cuda" if s["device"] == "cuda" else "cpu", s.get("threads"))
             self.model = None
         else:
-            import torch
-            from transformers import AutoModel
+            from nomic_moe_inference.loading import load_model
 
-            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}[s["dtype"]]
-            self.model = AutoModel.from_pretrained(s["model_dir"], trust_remote_code=True, dtype=dtype).to(s["device"]).eval()
-            if s["dtype"] == "int8":
-                self.model.quantize_int8()  # the CPU's int8 kernels (nomic_moe_modeling.int8_nomic_moe)
+            self.model, _ = load_model(s["model_dir"], s["device"], s["dtype"])  # int8: the CPU's int8 kernels
 
     def embed_texts(self, texts: List[str]):
         """(embeddings [n, dim] float32, real tokens, truncated texts)."""

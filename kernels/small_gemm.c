@@ -1,0 +1,146 @@
+// Few-row products that stream each weight once: y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
+//
+// Why: a short query sends about 8 rows to each expert. A GEMM library blocks for many rows and
+// reads the weight at 55-65% of the memory's speed there (RESULTS.md, "The experts' few-row
+// products"); at a few rows the product is bound by reading W once. This kernel walks W exactly
+// once, in the order it lies in memory, prefetching ahead, and keeps the rows' sums in registers.
+// kernels/small_gemm.py packs the weights, builds this file for the CPU it runs on
+// (-march=native) and holds it to F.linear in the tests.
+//
+// Layout (made once by pack() in small_gemm.py): W in panels of NB output columns; panel p holds
+// W[p*NB:(p+1)*NB, :] transposed, [K][NB] fp32, or [K/2][NB][2] bf16 pairs (the operand order of
+// AVX512_BF16's pairwise dot product). N is padded to a multiple of NB with zero rows; only the
+// first N columns of y are written.
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
+#define VW 16 /* floats per vector register */
+#define MT 8  /* rows per tile: 2*MT accumulators of the 32 vector registers */
+#else
+#define VW 8
+#define MT 4  /* AVX2: 16 vector registers */
+#endif
+#define NB (2 * VW) /* output columns per panel: two vectors per row */
+#define AHEAD 32    /* panel rows prefetched ahead (4 KiB with AVX-512); measured: 13 -> 19 GB/s at 8 rows */
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+
+static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+
+int nm_panel_width(void) { return NB; }
+
+// mt rows (a constant once inlined into the switch below) against one panel.
+static inline __attribute__((always_inline)) void tile_f32(
+    const float *x, int64_t ldx, const int mt, int64_t K, const float *panel,
+    const float *bias, float *y, int64_t ldy, int ncols) {
+  vf acc[MT][2];
+  for (int m = 0; m < mt; m++) acc[m][0] = acc[m][1] = (vf){0};
+  for (int64_t k = 0; k < K; k++) {
+    const float *w = panel + k * NB;
+    __builtin_prefetch(w + AHEAD * NB);
+    __builtin_prefetch(w + AHEAD * NB + VW);
+    vf w0 = load(w), w1 = load(w + VW);
+    for (int m = 0; m < mt; m++) {
+      float xv = x[m * ldx + k];
+      acc[m][0] += xv * w0;
+      acc[m][1] += xv * w1;
+    }
+  }
+  for (int m = 0; m < mt; m++) {
+    float out[NB];
+    memcpy(out, &acc[m][0], sizeof(vf));
+    memcpy(out + VW, &acc[m][1], sizeof(vf));
+    for (int j = 0; j < ncols; j++) y[m * ldy + j] = out[j] + (bias ? bias[j] : 0.0f);
+  }
+}
+
+// x [M, K] (row stride ldx), packed W, bias [N] or NULL, y [M, N] (row stride ldy).
+void nm_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *wp, int64_t N,
+                   const float *bias, float *y, int64_t ldy, int nthreads) {
+  int64_t panels = (N + NB - 1) / NB;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+  for (int64_t p = 0; p < panels; p++) {
+    int ncols = (int)(N - p * NB < NB ? N - p * NB : NB);
+    const float *panel = wp + p * K * NB, *b = bias ? bias + p * NB : 0;
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {  // a panel re-read for the next tile comes from L2
+      const float *xm = x + m0 * ldx;
+      float *ym = y + m0 * ldy + p * NB;
+      switch (M - m0 >= MT ? MT : (int)(M - m0)) {
+#define CASE(n) case n: tile_f32(xm, ldx, n, K, panel, b, ym, ldy, ncols); break;
+        CASE(1) CASE(2) CASE(3) CASE(4)
+#if MT == 8
+        CASE(5) CASE(6) CASE(7) CASE(8)
+#endif
+#undef CASE
+      }
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+int nm_has_bf16(void) { return 1; }
+
+static inline __m512 bf16_to_f32(const uint16_t *p) {  // 16 bf16 -> 16 fp32: the high half of each float
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline __attribute__((always_inline)) void tile_bf16(
+    const uint16_t *x, int64_t ldx, const int mt, int64_t K, const uint16_t *panel,
+    const uint16_t *bias, uint16_t *y, int64_t ldy, int ncols) {
+  __m512 acc[MT][2];
+  for (int m = 0; m < mt; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 2) {  // one pair of k per step: 2 x 16 columns x 2 bf16
+    const uint16_t *w = panel + k * NB;
+    __builtin_prefetch(w + AHEAD * NB);
+    __builtin_prefetch(w + AHEAD * NB + 2 * VW);
+    __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 2 * VW);
+    for (int m = 0; m < mt; m++) {
+      int32_t pair;
+      memcpy(&pair, x + m * ldx + k, sizeof pair);
+      __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, w0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, w1);
+    }
+  }
+  for (int m = 0; m < mt; m++) {
+    uint16_t out[NB];
+    for (int h = 0; h < 2; h++) {
+      __m512 v = acc[m][h];
+      if (bias) {
+        if (ncols == NB) v = _mm512_add_ps(v, bf16_to_f32(bias + h * VW));
+        else { uint16_t b[VW] = {0}; for (int j = h * VW; j < ncols && j < (h + 1) * VW; j++) b[j - h * VW] = bias[j];
+               v = _mm512_add_ps(v, bf16_to_f32(b)); }
+      }
+      __m256bh r = _mm512_cvtneps_pbh(v);  // round to nearest even, as torch rounds
+      memcpy(out + h * VW, &r, sizeof r);
+    }
+    memcpy(y + m * ldy, out, (size_t)ncols * sizeof(uint16_t));
+  }
+}
+
+// As nm_linear_f32, in bf16 (bit patterns as uint16) with fp32 sums; K must be even.
+void nm_linear_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
+                    const uint16_t *bias, uint16_t *y, int64_t ldy, int nthreads) {
+  int64_t panels = (N + NB - 1) / NB;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+  for (int64_t p = 0; p < panels; p++) {
+    int ncols = (int)(N - p * NB < NB ? N - p * NB : NB);
+    const uint16_t *panel = wp + p * K * NB, *b = bias ? bias + p * NB : 0;
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+      const uint16_t *xm = x + m0 * ldx;
+      uint16_t *ym = y + m0 * ldy + p * NB;
+      switch (M - m0 >= MT ? MT : (int)(M - m0)) {
+#define CASE(n) case n: tile_bf16(xm, ldx, n, K, panel, b, ym, ldy, ncols); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+      }
+    }
+  }
+}
+#else
+int nm_has_bf16(void) { return 0; }  // bf16 stays with oneDNN (and fp32 is what `auto` picks on such a CPU)
+#endif

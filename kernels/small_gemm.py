@@ -1,0 +1,221 @@
+"""The few-row product kernel (small_gemm.c) for CPU inference: build, load, pack, call.
+
+    kernel = small_gemm.load()          # None where it cannot run here; why_unavailable() says why
+    packed = kernel.pack(w)             # w [out, in], fp32 or bf16, once per weight
+    y = kernel.linear(x, packed, bias)  # == F.linear(x, w, bias) (tests/test_small_gemm.py)
+
+A short query gives each expert about 8 rows; oneDNN's GEMM reads the weight at 55-65% of the
+memory's speed there, this kernel at 85-95% (RESULTS.md, "CPU: a few-row kernel of our own").
+The C file is compiled once per CPU and compiler, with -march=native, into a cache folder
+(NOMIC_MOE_KERNEL_CACHE, else ~/.cache/nomic_moe/kernels), atomically; it needs a C compiler
+(CC, else cc). Where there is none, or NOMIC_MOE_SMALL_GEMM=0, the model keeps oneDNN's packed
+weights: same results, slower short queries. It runs in torch's own OpenMP thread pool
+(torch.get_num_threads()), since it links the libgomp that torch has already loaded.
+
+The model takes it through ``model.set_cpu_kernel(kernel)`` (modeling_nomic_moe.py); ``install``
+does that when the kernel is available.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("small_gemm.c")
+
+# Rows per call up to which the kernel is used. Measured on the AVX-512 VM (one MoE layer's
+# experts, fp32, cold weights): 1.35x oneDNN's packed product at 8 rows, 1.17x at 16, equal from
+# 24 to 128; beyond that the stored weights' GEMM is the fastest (RESULTS.md).
+MAX_ROWS = {torch.float32: 128, torch.bfloat16: 128}
+
+
+class KernelUnavailable(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A weight [n, k] in the kernel's panels (see small_gemm.c)."""
+    panels: torch.Tensor
+    n: int
+    k: int
+
+
+_PTR = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_ARGS = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
+
+
+class SmallGemm:
+    """The loaded kernel: the CPU-kernel interface of modeling_nomic_moe (name, accepts, pack, linear)."""
+
+    name = "small-rows kernel"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        lib = ctypes.CDLL(str(self.path))
+        self.width = lib.nm_panel_width()
+        self.bf16 = bool(lib.nm_has_bf16())
+        self._f32 = lib.nm_linear_f32
+        self._f32.argtypes, self._f32.restype = _ARGS, None
+        self._bf16 = None
+        if self.bf16:
+            self._bf16 = lib.nm_linear_bf16
+            self._bf16.argtypes, self._bf16.restype = _ARGS, None
+
+    def dtypes(self):
+        return (torch.float32, torch.bfloat16) if self.bf16 else (torch.float32,)
+
+    def accepts(self, rows: int, dtype: torch.dtype) -> bool:
+        return dtype in self.dtypes() and rows <= MAX_ROWS[dtype]
+
+    def pack(self, w: torch.Tensor) -> Packed:
+        """w [n, k] -> panels [n/NB, k, NB] (fp32) or [n/NB, k/2, NB, 2] (bf16 pairs), n padded with zeros."""
+        if w.dtype not in self.dtypes() or w.dim() != 2 or w.device.type != "cpu":
+            raise ValueError(f"the small-rows kernel packs 2-d CPU weights in {self.dtypes()}, not {w.dtype} {tuple(w.shape)}")
+        n, k = w.shape
+        if w.dtype == torch.bfloat16 and k % 2:
+            raise ValueError(f"bf16 weights need an even input width, not {k}")
+        nb = self.width
+        padded = w.new_zeros(-(-n // nb) * nb, k)
+        padded[:n] = w.detach()
+        if w.dtype == torch.float32:
+            panels = padded.view(-1, nb, k).transpose(1, 2)  # [P, k, NB]
+        else:
+            panels = padded.view(-1, nb, k // 2, 2).transpose(1, 2)  # [P, k/2, NB, 2]
+        return Packed(panels.contiguous(), n, k)
+
+    def linear(self, x: torch.Tensor, packed: Packed, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [M, k] -> [M, n] = x @ w.T + bias, in x's dtype (the packed weight's)."""
+        if x.dim() != 2 or x.shape[1] != packed.k or x.dtype != packed.panels.dtype:
+            raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a packed [{packed.n}, {packed.k}] "
+                             f"{packed.panels.dtype} weight")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        y = x.new_empty(x.shape[0], packed.n)
+        if x.shape[0] == 0:
+            return y
+        if bias is not None:
+            bias = bias.detach().contiguous()
+        call = self._f32 if x.dtype == torch.float32 else self._bf16
+        call(x.data_ptr(), x.stride(0), x.shape[0], packed.k, packed.panels.data_ptr(), packed.n,
+             None if bias is None else bias.data_ptr(), y.data_ptr(), packed.n, torch.get_num_threads())
+        return y
+
+    # a model holding the kernel is deep-copied (sentence-transformers) and pickled (Ray): the
+    # copy shares the loaded library, and another process loads its own
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (_load_or_raise, ())
+
+    def __repr__(self):
+        return f"SmallGemm({self.path.name}, panel width {self.width}, bf16 {'yes' if self.bf16 else 'no'})"
+
+
+def enabled() -> bool:
+    return os.environ.get("NOMIC_MOE_SMALL_GEMM", "1") != "0"
+
+
+def cache_dir() -> Path:
+    if os.environ.get("NOMIC_MOE_KERNEL_CACHE"):
+        return Path(os.environ["NOMIC_MOE_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nomic_moe" / "kernels"
+
+
+def compiler() -> Optional[str]:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"])  # without OpenMP: one thread
+
+
+def _key(cc: str, flags) -> str:
+    """The library is valid for this source, compiler, flags and CPU (-march=native)."""
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    from nomic_moe_modeling.cpu_nomic_moe import cpu_flags
+
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), version.encode(), " ".join(flags).encode(), " ".join(sorted(cpu_flags())).encode()):
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def build() -> Path:
+    """The compiled library for this CPU (made once; later calls find it). Raises KernelUnavailable."""
+    cc = compiler()
+    if cc is None:
+        raise KernelUnavailable("no C compiler (set CC, or install gcc or clang)")
+    errors = []
+    for flags in _FLAG_SETS:
+        out = cache_dir() / f"small_gemm-{_key(cc, flags)}.so"
+        if out.exists():
+            return out
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+            os.close(fd)
+        except OSError as e:
+            raise KernelUnavailable(f"cannot write the kernel cache {out.parent}: {e}") from e
+        try:
+            r = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp],
+                               capture_output=True, text=True, timeout=300)
+            if r.returncode == 0:
+                os.replace(tmp, out)  # atomic: concurrent builders each write their own temp file
+                return out
+            errors.append(f"{cc} {' '.join(flags)}: {r.stderr.strip()[-300:]}")
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append(f"{cc}: {e}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise KernelUnavailable("compiling small_gemm.c failed: " + " | ".join(errors))
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    if not enabled():
+        return None, "turned off (NOMIC_MOE_SMALL_GEMM=0)"
+    try:
+        return SmallGemm(build()), None
+    except (KernelUnavailable, OSError, AttributeError) as e:
+        return None, str(e)
+
+
+def load() -> Optional[SmallGemm]:
+    """The kernel, built on first use; None where it cannot run (why_unavailable() says why)."""
+    return _load()[0]
+
+
+def why_unavailable() -> Optional[str]:
+    return _load()[1]
+
+
+def _load_or_raise() -> SmallGemm:
+    kernel = load()
+    if kernel is None:
+        raise KernelUnavailable(why_unavailable())
+    return kernel
+
+
+def install(model) -> Optional[SmallGemm]:
+    """Give ``model`` (a NomicMoEModel on the CPU) the kernel for its short inputs; returns it, or
+    None where it cannot run here (the model then keeps oneDNN's packed weights)."""
+    kernel = load()
+    if kernel is not None and hasattr(model, "set_cpu_kernel"):
+        model.set_cpu_kernel(kernel)
+        return kernel
+    return None

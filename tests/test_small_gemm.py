@@ -1,0 +1,198 @@
+"""The few-row CPU kernel (kernels/small_gemm.c) beside the plain product it replaces: F.linear, and
+the whole model against the plain reference of SPEC §2."""
+
+import copy
+import pickle
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nomic_moe_kernels import small_gemm
+from nomic_moe_modeling.modeling_nomic_moe import NomicMoEExperts, NomicMoELinear
+from plain_reference import embed_one
+from test_model import ATOL, models, random_batch, real_rows  # noqa: F401 - models is a fixture
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = small_gemm.load()
+    if k is None and small_gemm.compiler() is None:
+        pytest.skip(f"no C compiler here: {small_gemm.why_unavailable()}")
+    assert k is not None, f"a C compiler is here, yet the kernel did not build: {small_gemm.why_unavailable()}"
+    return k
+
+
+class Counting:
+    """The kernel, counting the rows it was given (to prove that the model really used it)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls, self.rows = inner, 0, []
+
+    def accepts(self, rows, dtype):
+        return self.inner.accepts(rows, dtype)
+
+    def pack(self, w):
+        return self.inner.pack(w)
+
+    def linear(self, x, packed, bias=None):
+        self.calls += 1
+        self.rows.append(x.shape[0])
+        return self.inner.linear(x, packed, bias)
+
+
+SHAPES = [(1, 96, 64), (3, 37, 33), (8, 768, 160), (9, 64, 100), (17, 200, 96), (130, 96, 70), (0, 64, 32)]
+
+
+@pytest.mark.parametrize("rows,k,n", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp32_product_matches_F_linear(kernel, rows, k, n, with_bias):
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    w = torch.randn(n, k, generator=g) * k**-0.5
+    b = torch.randn(n, generator=g) if with_bias else None
+    x = torch.randn(rows, k, generator=g)
+    got = kernel.linear(x, kernel.pack(w), b)
+    ref = F.linear(x, w, b)
+    assert got.shape == ref.shape == (rows, n) and got.dtype == torch.float32
+    if rows:
+        assert (got - ref).abs().max().item() <= 1e-5
+
+
+def test_fp32_product_takes_strided_rows(kernel):
+    """Rows with a stride (a slice of a wider matrix) and a packed weight reused across calls."""
+    g = torch.Generator().manual_seed(1)
+    w, wide = torch.randn(48, 64, generator=g) / 8, torch.randn(5, 100, generator=g)
+    packed = kernel.pack(w)
+    x = wide[:, 10:74]  # row stride 100
+    assert x.stride() == (100, 1)
+    for _ in range(2):
+        assert (kernel.linear(x, packed) - F.linear(x, w)).abs().max().item() <= 1e-5
+    xt = torch.randn(64, 5, generator=g).T  # column-major rows are copied first
+    assert (kernel.linear(xt, packed) - F.linear(xt, w)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 96, 64), (8, 768, 160), (9, 64, 100), (17, 200, 33)])
+def test_bf16_product_matches_F_linear_to_one_rounding(kernel, rows, k, n):
+    if not kernel.bf16:
+        pytest.skip("this CPU has no AVX512_BF16: bf16 stays with oneDNN, and the kernel says so (accepts)")
+    g = torch.Generator().manual_seed(rows + n)
+    w = (torch.randn(n, k, generator=g) * k**-0.5).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    got = kernel.linear(x, kernel.pack(w), b)
+    exact = F.linear(x.float(), w.float(), b.float())  # fp32 sums of the same bf16 numbers
+    assert got.dtype == torch.bfloat16
+    # one bf16 rounding of the output (2^-8 relative) plus fp32 summation order
+    assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-4).all()
+
+
+def test_what_the_kernel_accepts_and_refuses(kernel):
+    assert kernel.accepts(8, torch.float32) and kernel.accepts(small_gemm.MAX_ROWS[torch.float32], torch.float32)
+    assert not kernel.accepts(small_gemm.MAX_ROWS[torch.float32] + 1, torch.float32)
+    assert not kernel.accepts(8, torch.float16)
+    assert kernel.accepts(8, torch.bfloat16) == kernel.bf16
+    with pytest.raises(ValueError, match="packs 2-d CPU weights"):
+        kernel.pack(torch.randn(4, 4, 4))
+    with pytest.raises(ValueError, match="does not fit"):
+        kernel.linear(torch.randn(2, 5), kernel.pack(torch.randn(3, 4)))
+    if kernel.bf16:
+        with pytest.raises(ValueError, match="even input width"):
+            kernel.pack(torch.randn(4, 5).bfloat16())
+
+
+def test_model_with_the_kernel_matches_the_plain_reference(kernel, models):
+    model, W, cfg = models("8x2")
+    spy = Counting(kernel)
+    model.set_cpu_kernel(spy)
+    try:
+        for lengths in ([1], [5, 17, 3, 9], [40, 2]):
+            ids, mask = random_batch(lengths, cfg["vocab_size"], seed=len(lengths))
+            with torch.no_grad():
+                out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            for b, row in enumerate(real_rows(ids, mask)):
+                assert (out[b][mask[b].bool()] - embed_one(W, cfg, row)).abs().max().item() <= ATOL
+        # it took every product here: attention, dense MLP and each expert segment
+        assert spy.calls > 0 and max(spy.rows) <= small_gemm.MAX_ROWS[torch.float32]
+        experts = next(l for l in model.encoder.layers if l.is_moe).mlp.experts
+        assert experts._kernel_pack.value is not None and experts._pack.value is None  # no oneDNN copy was made
+    finally:
+        model.set_cpu_kernel(None)
+
+
+def test_batch_invariance_with_the_kernel(kernel, models):
+    """Batch partners change how many rows reach each product (and so which tile a row is in)."""
+    model, _, cfg = models("8x2")
+    model.set_cpu_kernel(kernel)
+    try:
+        lengths = [3, 11, 30, 7, 60]
+        ids, mask = random_batch(lengths, cfg["vocab_size"], seed=5)
+        with torch.no_grad():
+            together = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            for b, n in enumerate(lengths):
+                alone = model(input_ids=ids[b : b + 1, :n], attention_mask=mask[b : b + 1, :n]).last_hidden_state[0]
+                assert (together[b, :n] - alone).abs().max().item() <= ATOL
+    finally:
+        model.set_cpu_kernel(None)
+
+
+def test_kernel_repacks_after_a_weight_change_and_survives_copies(kernel, models):
+    model, _, cfg = models("8x2")
+    model.set_cpu_kernel(kernel)
+    try:
+        ids, mask = random_batch([6, 9], cfg["vocab_size"], seed=2)
+        experts = next(l for l in model.encoder.layers if l.is_moe).mlp.experts
+        with torch.no_grad():
+            before = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+                assert all(m.cpu_kernel is not None for m in clone.modules() if isinstance(m, (NomicMoELinear, NomicMoEExperts)))
+                assert torch.equal(clone(input_ids=ids, attention_mask=mask).last_hidden_state, before)
+            first = experts._kernel_pack.value
+            experts.mlp.w2.mul_(2.0)
+            changed = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert experts._kernel_pack.value is not first  # an in-place update is seen
+            model.set_cpu_kernel(None)
+            plain = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            experts.mlp.w2.div_(2.0)
+        assert not torch.allclose(changed, before) and (changed - plain).abs().max().item() <= 1e-5
+    finally:
+        model.set_cpu_kernel(None)
+
+
+def test_without_a_compiler_the_model_keeps_onednn_and_says_why(kernel, models, monkeypatch, tmp_path):
+    from nomic_moe_inference.cpu import use_cpu_kernels
+
+    model, _, cfg = models("8x2")
+    ids, mask = random_batch([4, 12], cfg["vocab_size"], seed=9)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    monkeypatch.setenv("NOMIC_MOE_KERNEL_CACHE", str(tmp_path / "empty-cache"))  # nothing built there yet
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    small_gemm._load.cache_clear()
+    try:
+        assert small_gemm.load() is None and "no C compiler" in small_gemm.why_unavailable()
+        assert use_cpu_kernels(model) == "few-row kernel off: no C compiler (set CC, or install gcc or clang)"
+        monkeypatch.setenv("NOMIC_MOE_SMALL_GEMM", "0")
+        small_gemm._load.cache_clear()
+        assert small_gemm.load() is None and "NOMIC_MOE_SMALL_GEMM=0" in small_gemm.why_unavailable()
+        assert all(m.cpu_kernel is None for m in model.modules() if isinstance(m, NomicMoELinear))
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, ref)
+    finally:
+        small_gemm._load.cache_clear()
+
+
+def test_build_is_cached_and_atomic(kernel, monkeypatch, tmp_path):
+    """A fresh cache folder gets one library and no temporary leftovers; a second build finds it."""
+    monkeypatch.setenv("NOMIC_MOE_KERNEL_CACHE", str(tmp_path))
+    first = small_gemm.build()
+    assert first.parent == tmp_path and first.exists()
+    mtime = first.stat().st_mtime_ns
+    assert small_gemm.build() == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
+    lib = small_gemm.SmallGemm(first)
+    w, x = torch.randn(40, 24), torch.randn(3, 24)
+    assert (lib.linear(x, lib.pack(w)) - F.linear(x, w)).abs().max().item() <= 1e-5
