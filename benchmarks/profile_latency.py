@@ -31,13 +31,14 @@ def build(dtype):
 
     from nomic_moe_inference.cpu import use_cpu_kernels
 
+    from nomic_moe_inference.loading import int8_activations
+
     model = build_model("cpu").eval()
-    if dtype == "int8":
-        model.quantize_int8()
-    elif dtype != "float32":
+    if dtype != "float32" and dtype != "int8":
         model = model.to(getattr(torch, dtype))
-    if os.environ.get("NOMIC_MOE_SMALL_GEMM", "1") != "0":
-        print(f"[profile] {dtype}: {use_cpu_kernels(model)}", file=sys.stderr)
+    print(f"[profile] {dtype}: {use_cpu_kernels(model)}", file=sys.stderr)
+    if dtype == "int8":
+        model.quantize_int8(activations=int8_activations(model))
     return model
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .bench import build_model, flops_per_token
 from .cpu import describe, runnable_dtypes, use_cpu_kernels
+from .loading import int8_activations
 
 LENGTHS = (32, 128)
 
@@ -105,7 +106,7 @@ def models_for(dtypes):
             yield d, base
         elif d == "int8":
             m = copy.deepcopy(base)
-            m.quantize_int8()
+            m.quantize_int8(activations=int8_activations(m))  # as load_model does
             yield d, m
             del m
         else:

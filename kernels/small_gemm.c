@@ -8,12 +8,14 @@
 // (-march=native) and holds it to F.linear in the tests.
 //
 // Layout (made once by pack() in small_gemm.py): W in panels of NB output columns; panel p holds
-// W[p*NB:(p+1)*NB, :] transposed, [K][NB] fp32, or [K/2][NB][2] bf16 pairs (the operand order of
-// AVX512_BF16's pairwise dot product). N is padded to a multiple of NB with zero rows; only the
+// W[p*NB:(p+1)*NB, :] transposed, [K][NB] fp32, [K/2][NB][2] bf16 pairs (the operand order of
+// AVX512_BF16's pairwise dot product), or [K/4][NB][4] s8 quads (AVX512_VNNI's). N is padded to a multiple of NB with zero rows; only the
 // first N columns of y are written.
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512BF16__)
+#include <math.h>
+#include <stdlib.h>
+#if defined(__AVX512BF16__) || defined(__AVX512VNNI__)
 #include <immintrin.h>
 #endif
 
@@ -143,4 +145,89 @@ void nm_linear_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const 
 }
 #else
 int nm_has_bf16(void) { return 0; }  // bf16 stays with oneDNN (and fp32 is what `auto` picks on such a CPU)
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+int nm_has_int8(void) { return 1; }
+
+// s32 sums -> fp32 as int8_matmul_per_token rounds them: sum * (row scale * column scale), then + bias,
+// each product and sum rounded on its own (no fused multiply-add), so that the vectors are torch's.
+__attribute__((noinline, optimize("fp-contract=off"))) static void epilogue_s8(
+    const int32_t *sums, const int32_t *colsum, float xscale, const float *wscale, const float *bias, float *y, int ncols) {
+  for (int j = 0; j < ncols; j++) {
+    // u8 = s8 + 128, so a sum holds 128 * (the column's weight sum) too: taken off exactly, in integers
+    float v = (float)(sums[j] - 128 * colsum[j]) * (xscale * wscale[j]);
+    y[j] = bias ? v + bias[j] : v;
+  }
+}
+
+// Rows of s8 activations (shifted to u8, see below) against one panel of s8 weight quads; s32 sums.
+static inline __attribute__((always_inline)) void tile_s8(
+    const uint8_t *xq, int64_t K, const int mt, const int8_t *panel, const int32_t *colsum,
+    const float *xscale, const float *wscale, const float *bias, float *y, int64_t ldy, int ncols) {
+  __m512i acc[MT][2];
+  for (int m = 0; m < mt; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 4) {  // one quad of k per step: 2 x 16 columns x 4 s8
+    const int8_t *w = panel + k * NB;
+    __builtin_prefetch(w + 4096);
+    __builtin_prefetch(w + 4096 + 64);
+    __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 4 * VW);
+    for (int m = 0; m < mt; m++) {
+      int32_t quad;
+      memcpy(&quad, xq + m * K + k, sizeof quad);
+      __m512i xb = _mm512_set1_epi32(quad);
+      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], xb, w0);
+      acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], xb, w1);
+    }
+  }
+  for (int m = 0; m < mt; m++) {
+    int32_t out[NB];
+    memcpy(out, &acc[m][0], sizeof(__m512i));
+    memcpy(out + VW, &acc[m][1], sizeof(__m512i));
+    epilogue_s8(out, colsum, xscale[m], wscale, bias, y + m * ldy, ncols);
+  }
+}
+
+// y [M, N] fp32 = (x quantized per row: symmetric s8, scale max|x|/127) @ (s8 W, scale per column).T
+// (+ bias): the integer sums of torch._int_mm on the same s8 numbers. K must be a multiple of 4.
+// Returns 0, or -1 where the activations' buffer could not be had.
+int nm_linear_s8(const float *x, int64_t ldx, int64_t M, int64_t K, const int8_t *wp, const int32_t *colsum,
+                  const float *wscale, int64_t N, const float *bias, float *y, int64_t ldy, int nthreads) {
+  uint8_t *xq = malloc((size_t)(M * K));
+  float *xscale = malloc((size_t)M * sizeof(float));
+  if (!xq || !xscale) { free(xq); free(xscale); return -1; }
+  for (int64_t m = 0; m < M; m++) {  // as quantize_rows in int8_nomic_moe.py: round half to even
+    const float *row = x + m * ldx;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; k++) {  // not fmaxf: its NaN rule keeps it a scalar call per element
+      float a = fabsf(row[k]);
+      amax = a > amax ? a : amax;
+    }
+    float scale = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
+    xscale[m] = scale;
+    for (int64_t k = 0; k < K; k++) xq[m * K + k] = (uint8_t)((int)nearbyintf(row[k] / scale) + 128);
+  }
+  int64_t panels = (N + NB - 1) / NB;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+  for (int64_t p = 0; p < panels; p++) {
+    int ncols = (int)(N - p * NB < NB ? N - p * NB : NB);
+    const int8_t *panel = wp + p * K * NB;
+    const float *b = bias ? bias + p * NB : 0;
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+      const uint8_t *xm = xq + m0 * K;
+      float *ym = y + m0 * ldy + p * NB;
+      const float *xs = xscale + m0;
+      switch (M - m0 >= MT ? MT : (int)(M - m0)) {
+#define CASE(n) case n: tile_s8(xm, K, n, panel, colsum + p * NB, xs, wscale + p * NB, b, ym, ldy, ncols); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+      }
+    }
+  }
+  free(xq);
+  free(xscale);
+  return 0;
+}
+#else
+int nm_has_int8(void) { return 0; }  // int8 keeps torch's kernels (FBGEMM, oneDNN)
 #endif

@@ -3,6 +3,8 @@
     kernel = small_gemm.load()          # None where it cannot run here; why_unavailable() says why
     packed = kernel.pack(w)             # w [out, in], fp32 or bf16, once per weight
     y = kernel.linear(x, packed, bias)  # == F.linear(x, w, bias) (tests/test_small_gemm.py)
+    q = kernel.pack_int8(wq, scale)     # s8 [out, in] + per-channel scale (AVX512_VNNI)
+    y = kernel.linear_int8(x, q, bias)  # == int8_matmul_per_token: the same s32 sums
 
 A short query gives each expert about 8 rows; oneDNN's GEMM reads the weight at 55-65% of the
 memory's speed there, this kernel at 85-95% (RESULTS.md, "CPU: a few-row kernel of our own").
@@ -31,10 +33,12 @@ import torch
 
 SOURCE = Path(__file__).with_name("small_gemm.c")
 
-# Rows per call up to which the kernel is used. Measured on the AVX-512 VM (one MoE layer's
-# experts, fp32, cold weights): 1.35x oneDNN's packed product at 8 rows, 1.17x at 16, equal from
-# 24 to 128; beyond that the stored weights' GEMM is the fastest (RESULTS.md).
-MAX_ROWS = {torch.float32: 128, torch.bfloat16: 128}
+# Rows per call up to which the kernel is used. Measured on the AVX-512 VMs (one MoE layer's
+# experts, cold weights; RESULTS.md "CPU: a few-row kernel of our own"): fp32 1.35x oneDNN's packed
+# product at 8 rows, 1.17x at 16, equal from 24 to 128 (beyond, the stored weights' GEMM is the
+# fastest); bf16 1.5x at 8 rows, equal at 32; int8 1.67x FBGEMM at 8 rows, equal at 32 and slower
+# above, where the 128-row attention products of a 128-token query lost 20%.
+MAX_ROWS = {torch.float32: 128, torch.bfloat16: 128, torch.int8: 32}
 
 
 class KernelUnavailable(RuntimeError):
@@ -45,6 +49,16 @@ class KernelUnavailable(RuntimeError):
 class Packed:
     """A weight [n, k] in the kernel's panels (see small_gemm.c)."""
     panels: torch.Tensor
+    n: int
+    k: int
+
+
+@dataclass(frozen=True)
+class PackedInt8:
+    """An s8 weight [n, k] in quads of k per column, its column sums and scales (see small_gemm.c)."""
+    panels: torch.Tensor  # [n/NB, k/4, NB, 4] int8
+    colsum: torch.Tensor  # [n padded] int32
+    scale: torch.Tensor  # [n padded] fp32
     n: int
     k: int
 
@@ -70,9 +84,15 @@ class SmallGemm:
         if self.bf16:
             self._bf16 = lib.nm_linear_bf16
             self._bf16.argtypes, self._bf16.restype = _ARGS, None
+        self.int8 = bool(lib.nm_has_int8())  # AVX512_VNNI: u8 x s8 dot products
+        if self.int8:
+            self._s8 = lib.nm_linear_s8
+            self._s8.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
+            self._s8.restype = ctypes.c_int
 
     def dtypes(self):
-        return (torch.float32, torch.bfloat16) if self.bf16 else (torch.float32,)
+        """What it computes: fp32, bf16 (AVX512_BF16) and int8 (per-token activations, AVX512_VNNI)."""
+        return (torch.float32,) + ((torch.bfloat16,) if self.bf16 else ()) + ((torch.int8,) if self.int8 else ())
 
     def accepts(self, rows: int, dtype: torch.dtype) -> bool:
         return dtype in self.dtypes() and rows <= MAX_ROWS[dtype]
@@ -110,6 +130,38 @@ class SmallGemm:
              None if bias is None else bias.data_ptr(), y.data_ptr(), packed.n, torch.get_num_threads())
         return y
 
+    def pack_int8(self, wq: torch.Tensor, scale: torch.Tensor) -> PackedInt8:
+        """s8 weight [n, k] (one scale per output channel, [n]) -> quads of k per column, n padded."""
+        n, k = wq.shape
+        if not self.int8 or wq.dtype != torch.int8 or k % 4:
+            raise ValueError(f"the int8 kernel packs s8 weights with an input width divisible by 4 (AVX512_VNNI: "
+                             f"{'yes' if self.int8 else 'no'}), not {wq.dtype} {tuple(wq.shape)}")
+        nb = self.width
+        padded = wq.new_zeros(-(-n // nb) * nb, k)
+        padded[:n] = wq
+        panels = padded.view(-1, nb, k // 4, 4).transpose(1, 2).contiguous()  # [P, k/4, NB, 4]
+        scales = torch.zeros(padded.shape[0])
+        scales[:n] = scale.float()
+        return PackedInt8(panels, padded.sum(1, dtype=torch.int32), scales, n, k)
+
+    def linear_int8(self, x: torch.Tensor, packed: PackedInt8, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [M, k] fp32 -> [M, n] fp32: int8_matmul_per_token's math (int8_nomic_moe.py), the same s32 sums."""
+        if x.dim() != 2 or x.shape[1] != packed.k or x.dtype != torch.float32:
+            raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a packed int8 [{packed.n}, {packed.k}] weight")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        y = x.new_empty(x.shape[0], packed.n)
+        if x.shape[0] == 0:
+            return y
+        if bias is not None:
+            bias = bias.detach().float().contiguous()
+        status = self._s8(x.data_ptr(), x.stride(0), x.shape[0], packed.k, packed.panels.data_ptr(), packed.colsum.data_ptr(),
+                          packed.scale.data_ptr(), packed.n, None if bias is None else bias.data_ptr(), y.data_ptr(),
+                          packed.n, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError(f"the int8 kernel could not allocate {x.shape[0] * packed.k} bytes for its activations")
+        return y
+
     # a model holding the kernel is deep-copied (sentence-transformers) and pickled (Ray): the
     # copy shares the loaded library, and another process loads its own
     def __deepcopy__(self, memo):
@@ -119,7 +171,8 @@ class SmallGemm:
         return (_load_or_raise, ())
 
     def __repr__(self):
-        return f"SmallGemm({self.path.name}, panel width {self.width}, bf16 {'yes' if self.bf16 else 'no'})"
+        return (f"SmallGemm({self.path.name}, panel width {self.width}, bf16 {'yes' if self.bf16 else 'no'}, "
+                f"int8 {'yes' if self.int8 else 'no'})")
 
 
 def enabled() -> bool:
@@ -171,7 +224,7 @@ def build() -> Path:
         except OSError as e:
             raise KernelUnavailable(f"cannot write the kernel cache {out.parent}: {e}") from e
         try:
-            r = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp],
+            r = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"],
                                capture_output=True, text=True, timeout=300)
             if r.returncode == 0:
                 os.replace(tmp, out)  # atomic: concurrent builders each write their own temp file

@@ -88,6 +88,9 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.engine = engine
         self.activations = activations
+        # per_token only: a CPU kernel of the caller's (NomicMoEModel.set_cpu_kernel) with the same s32 sums for the
+        # calls it accepts (accepts(rows, torch.int8), pack_int8(wq, scale), linear_int8(x, packed, bias))
+        self.cpu_kernel, self._kernel_pack = None, None
         b = None if bias is None else bias.detach().float().contiguous()
         q = quantize_weight(weight)
         if activations == "per_token":
@@ -106,7 +109,12 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if flat.dtype != torch.float32:
             flat = flat.float()
-        if self.activations == "per_token":
+        kernel = self.cpu_kernel
+        if self.activations == "per_token" and kernel is not None and kernel.accepts(flat.shape[0], torch.int8):
+            if self._kernel_pack is None:
+                self._kernel_pack = kernel.pack_int8(self._wq, self._w_scale)
+            y = kernel.linear_int8(flat, self._kernel_pack, self._bias)
+        elif self.activations == "per_token":
             y = int8_matmul_per_token(flat, self._wq, self._w_scale, self._bias)
         else:
             y = torch.ops.quantized.linear_dynamic(flat, self._packed, False)  # reduce_range=False: full u8 range

@@ -653,10 +653,13 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         """A CPU kernel for the linear and expert products it accepts (see NomicMoELinear), or None
         for oneDNN's packed weights only. With this package installed, the few-row kernel that makes
         a short query faster on the CPU is ``nomic_moe_kernels.small_gemm.install(model)``."""
+        self.cpu_kernel = kernel  # quantize_int8 hands it to the int8 matrices it makes
         for m in self.modules():
             if isinstance(m, (NomicMoELinear, NomicMoEExperts)):
                 m.cpu_kernel = kernel
                 m._kernel_pack.clear()  # another kernel, another layout
+            elif isinstance(m, Int8Linear):
+                m.cpu_kernel, m._kernel_pack = kernel, None
 
     @torch.no_grad()
     def quantize_int8(self, groups=INT8_GROUPS, engine: Optional[str] = None, activations: str = "per_batch") -> dict:
@@ -703,6 +706,8 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
                 layer.mlp.fc1 = Int8Linear.from_linear(layer.mlp.fc1, engine, activations)
                 layer.mlp.fc2 = Int8Linear.from_linear(layer.mlp.fc2, engine, activations)
         self.int8_groups = tuple(g for g in INT8_GROUPS if g in done or g in groups)
+        if getattr(self, "cpu_kernel", None) is not None:
+            self.set_cpu_kernel(self.cpu_kernel)
         self.int8_engine = engine
         self.int8_activations = activations
         int8_bytes = sum(m.weight_bytes() for m in self.modules() if isinstance(m, Int8Linear))

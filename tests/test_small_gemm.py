@@ -196,3 +196,57 @@ def test_build_is_cached_and_atomic(kernel, monkeypatch, tmp_path):
     lib = small_gemm.SmallGemm(first)
     w, x = torch.randn(40, 24), torch.randn(3, 24)
     assert (lib.linear(x, lib.pack(w)) - F.linear(x, w)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 96, 64), (8, 768, 160), (9, 64, 100), (31, 200, 33), (0, 64, 32)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_product_has_the_per_token_sums(kernel, rows, k, n, with_bias):
+    """The same s8 numbers, s32 sums and float epilogue as int8_matmul_per_token (torch._int_mm): equal."""
+    from nomic_moe_modeling.int8_nomic_moe import int8_matmul_per_token, quantize_weight
+
+    if not kernel.int8:
+        pytest.skip("this CPU has no AVX512_VNNI: int8 stays with torch's kernels, and the kernel says so (accepts)")
+    g = torch.Generator().manual_seed(rows + k + n)
+    q = quantize_weight(torch.randn(n, k, generator=g) * k**-0.5)
+    wq, scale = q.int_repr().contiguous(), q.q_per_channel_scales().float()
+    b = torch.randn(n, generator=g) if with_bias else None
+    x = torch.randn(rows, k, generator=g) * 3
+    x[:, 0] = 0.0 if rows < 2 else x[:, 0]  # a row may hold exact zeros; an all-zero row gets the 1e-12 scale floor
+    got = kernel.linear_int8(x, kernel.pack_int8(wq, scale), b)
+    ref = int8_matmul_per_token(x, wq, scale, b)
+    assert got.shape == ref.shape == (rows, n)
+    if rows:
+        assert torch.equal(got, ref)
+        zero = kernel.linear_int8(torch.zeros(2, k), kernel.pack_int8(wq, scale), b)
+        assert torch.equal(zero, int8_matmul_per_token(torch.zeros(2, k), wq, scale, b))
+
+
+def test_int8_model_takes_the_kernel_and_keeps_its_numbers(kernel, ckpts):
+    """quantize_int8 hands the model's kernel to the int8 matrices it makes; per_token activations
+    through the kernel give the vectors of torch._int_mm's path, exactly (a last-bit difference would
+    be amplified by the next layer's int8 rounding)."""
+    from nomic_moe_inference.loading import int8_activations
+    from nomic_moe_modeling.int8_nomic_moe import Int8Experts, Int8Linear
+    from nomic_moe_modeling.modeling_nomic_moe import NomicMoEModel
+
+    if not kernel.int8:
+        pytest.skip("this CPU has no AVX512_VNNI")
+    folder = ckpts.converted(num_experts=4, top_k=2, num_layers=4)
+    model = NomicMoEModel.from_pretrained(folder).eval()
+    model.set_cpu_kernel(kernel)
+    assert int8_activations(model) == "per_token"
+    model.quantize_int8(activations="per_token")
+    int8s = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert int8s and all(m.cpu_kernel is kernel for m in int8s)
+    ids, mask = random_batch([7, 19, 3], model.config.vocab_size, seed=4)
+    with torch.no_grad():
+        fast = model(input_ids=ids, attention_mask=mask, return_sentence_embedding=True).sentence_embedding
+        in_experts = {id(m) for ex in model.modules() if isinstance(ex, Int8Experts) for m in (*ex.ups, *ex.downs)}
+        # every attention and dense product took the kernel at these sizes, and so did every expert that was chosen
+        assert all(m._kernel_pack is not None for m in int8s if id(m) not in in_experts)
+        assert sum(m._kernel_pack is not None for m in int8s if id(m) in in_experts) > len(in_experts) // 2
+        model.set_cpu_kernel(None)
+        slow = model(input_ids=ids, attention_mask=mask, return_sentence_embedding=True).sentence_embedding
+    assert torch.equal(fast, slow)
+    plain = NomicMoEModel.from_pretrained(folder).eval()
+    assert int8_activations(plain) == "per_batch"  # no kernel: FBGEMM's per-batch kernel stays the default
