@@ -1,5 +1,6 @@
 """The int8 gate: cosine to fp32 on every text of the verification and benchmark sets, routing flips
-counted, batch invariance and one query's latency, for each way of quantizing the activations.
+counted, batch invariance and one query's latency, for each way of quantizing the activations (and
+per-token activations through the few-row kernel, where the CPU has AVX512_VNNI).
 
     python benchmarks/int8_gate.py MODEL_DIR [--threads 2] [--repeats 20]
 
@@ -105,9 +106,15 @@ def main():
              "batch_drift": batch_drift(ref_model, items),
              **{f"p50_ms_{n}": p50_ms(ref_model, ids, a.repeats) for n, ids in queries.items()}}]
     del ref_model
-    for mode in ("per_token", "per_batch"):
+    from nomic_moe_kernels import small_gemm
+
+    kernel = small_gemm.load()
+    modes = [("per_token", None), ("per_batch", None)] + ([("per_token", kernel)] if kernel is not None and kernel.int8 else [])
+    for mode, with_kernel in modes:
         model = load()
+        model.set_cpu_kernel(with_kernel)  # the few-row kernel (AVX512_VNNI): the same sums as per_token's torch._int_mm
         model.quantize_int8(activations=mode)
+        mode = f"{mode} + few-row kernel" if with_kernel is not None else mode
         log(f"int8 {mode}")
         cos, flips, pairs = [], None, 0
         for (name, ids), (rv, rsets) in zip(items, ref):
