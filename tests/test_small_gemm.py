@@ -250,3 +250,16 @@ def test_int8_model_takes_the_kernel_and_keeps_its_numbers(kernel, ckpts):
     assert torch.equal(fast, slow)
     plain = NomicMoEModel.from_pretrained(folder).eval()
     assert int8_activations(plain) == "per_batch"  # no kernel: FBGEMM's per-batch kernel stays the default
+
+
+def test_the_avx2_build_computes_the_same_products(kernel):
+    """The kernel built for an AVX2-only CPU (8-float vectors, 4-row tiles, no bf16 or int8), run here."""
+    if "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU cannot run AVX2 code")
+    avx2 = small_gemm.SmallGemm(small_gemm.build(march="haswell"))
+    assert avx2.width == 16 and avx2.dtypes() == (torch.float32,) and not avx2.accepts(4, torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    for rows, k, n in SHAPES:
+        w, b, x = torch.randn(n, k, generator=g) * k**-0.5, torch.randn(n, generator=g), torch.randn(rows, k, generator=g)
+        got = avx2.linear(x, avx2.pack(w), b)
+        assert got.shape == (rows, n) and (rows == 0 or (got - F.linear(x, w, b)).abs().max().item() <= 1e-5)
