@@ -5,7 +5,8 @@ hits every side alike.
 
 Modes, cycled every repeat on the same real-size random model: "none" (stored weights only),
 "experts" (expert matrices prepacked), "all" (experts + attention + dense MLP prepacked in oneDNN's
-layout), "kernel" (as "all", with nomic_moe_kernels.small_gemm taking the products it accepts).
+layout), "kernel" (as "all", with nomic_moe_kernels.small_gemm taking the products it accepts),
+"kernel-experts" (the kernel for the experts only, oneDNN's packed weights for the rest).
 Prints p50/p90 per mode and token count, the gain of each mode over the first, and the largest
 difference of the sentence embeddings from the first mode's.
 """
@@ -19,7 +20,8 @@ import torch
 from nomic_moe_inference.bench import build_model
 
 PACKED = {"none": set(), "experts": {"NomicMoEExperts"}, "all": {"NomicMoEExperts", "NomicMoELinear"},
-          "kernel": {"NomicMoEExperts", "NomicMoELinear"}}
+          "kernel": {"NomicMoEExperts", "NomicMoELinear"}, "kernel-experts": {"NomicMoEExperts", "NomicMoELinear"}}
+KERNEL = {"kernel": {"NomicMoEExperts", "NomicMoELinear"}, "kernel-experts": {"NomicMoEExperts"}}
 
 
 def set_mode(model, mode, kernel):
@@ -27,7 +29,7 @@ def set_mode(model, mode, kernel):
         if hasattr(m, "pack_cpu"):
             m.pack_cpu = type(m).__name__ in PACKED[mode]
         if hasattr(m, "cpu_kernel"):
-            m.cpu_kernel = kernel if mode == "kernel" else None
+            m.cpu_kernel = kernel if type(m).__name__ in KERNEL.get(mode, ()) else None
 
 
 def main():
@@ -42,7 +44,7 @@ def main():
     torch.set_num_threads(a.threads)
     MODES = a.modes.split(",")
     kernel = None
-    if "kernel" in MODES:
+    if any(m.startswith("kernel") for m in MODES):
         from nomic_moe_kernels import small_gemm
 
         kernel = small_gemm.load()
