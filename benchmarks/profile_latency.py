@@ -28,9 +28,7 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linea
 
 def build(dtype):
     from nomic_moe_inference.bench import build_model
-
     from nomic_moe_inference.cpu import use_cpu_kernels
-
     from nomic_moe_inference.loading import int8_activations
 
     model = build_model("cpu").eval()

@@ -102,12 +102,12 @@ def cpu_report(isa: Optional[str], dtype: str) -> dict:
     """This CPU's (or the simulated ISA's) row of the CPU table: ISA, auto dtype, int8 kernel."""
     from nomic_moe_kernels import small_gemm
 
-    from .cpu import describe
+    from .cpu import describe, dtype_name
 
     out = describe(isa)
     if not out["simulated"]:  # the few-row kernel is built for this CPU only (-march=native)
         k = small_gemm.load()
-        out["few_row_kernel"] = ({"available": True, "dtypes": [str(d).replace("torch.", "") for d in k.dtypes()],
+        out["few_row_kernel"] = ({"available": True, "dtypes": [dtype_name(d) for d in k.dtypes()],
                                   "max_rows": max(small_gemm.MAX_ROWS.values()), "library": str(k.path)} if k else
                                  {"available": False, "why": small_gemm.why_unavailable()})
     return out

@@ -40,7 +40,7 @@ class Encoder:
         resolved = resolve_dtype(dtype, device)
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
-        self.model, self.cpu_kernel = load_model(model_dir, device, resolved)
+        self.model, _ = load_model(model_dir, device, resolved)
         self.dtype = resolved
         self.device = device
         self.prompts = checks.prompts(self.model_dir)

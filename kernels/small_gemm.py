@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -113,14 +113,19 @@ class SmallGemm:
             panels = padded.view(-1, nb, k // 2, 2).transpose(1, 2)  # [P, k/2, NB, 2]
         return Packed(panels.contiguous(), n, k)
 
-    def linear(self, x: torch.Tensor, packed: Packed, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [M, k] -> [M, n] = x @ w.T + bias, in x's dtype (the packed weight's)."""
-        if x.dim() != 2 or x.shape[1] != packed.k or x.dtype != packed.panels.dtype:
+    @staticmethod
+    def _rows(x: torch.Tensor, packed, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x checked against the packed weight, with unit column stride, and the output [M, n] to fill."""
+        if x.dim() != 2 or x.shape[1] != packed.k or x.dtype != dtype:
             raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a packed [{packed.n}, {packed.k}] "
                              f"{packed.panels.dtype} weight")
         if x.stride(1) != 1:
             x = x.contiguous()
-        y = x.new_empty(x.shape[0], packed.n)
+        return x, x.new_empty(x.shape[0], packed.n)
+
+    def linear(self, x: torch.Tensor, packed: Packed, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [M, k] -> [M, n] = x @ w.T + bias, in x's dtype (the packed weight's)."""
+        x, y = self._rows(x, packed, packed.panels.dtype)
         if x.shape[0] == 0:
             return y
         if bias is not None:
@@ -146,11 +151,7 @@ class SmallGemm:
 
     def linear_int8(self, x: torch.Tensor, packed: PackedInt8, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [M, k] fp32 -> [M, n] fp32: int8_matmul_per_token's math (int8_nomic_moe.py), the same s32 sums."""
-        if x.dim() != 2 or x.shape[1] != packed.k or x.dtype != torch.float32:
-            raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a packed int8 [{packed.n}, {packed.k}] weight")
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        y = x.new_empty(x.shape[0], packed.n)
+        x, y = self._rows(x, packed, torch.float32)
         if x.shape[0] == 0:
             return y
         if bias is not None:

@@ -190,18 +190,60 @@ class PackCache:
 PACKED_MAX_ROWS = 128
 
 
-def experts_packed(x, routing, packs, w1, w2, kernel=None, kernel_packs=None):
-    """experts_sorted with a segment's weights from ``packs()`` (pack_experts, made on first need):
-    same dispatch, same math; a long fp32 segment takes the stored weights (use_packed). A CPU
-    kernel (see NomicMoELinear) takes the segments it accepts, its weights from ``kernel_packs()``."""
+class OneDnnPacked:
+    """oneDNN's prepacked linear as a CPU kernel: what every module falls back to. A kernel has
+    ``accepts(rows, dtype)``, ``pack(weight [out, in])`` and ``linear(x, packed, bias)``; a caller's
+    own (NomicMoEModel.set_cpu_kernel, e.g. nomic_moe_kernels.small_gemm) is tried before this one."""
+
+    name = "oneDNN packed"
+
+    def accepts(self, rows: int, dtype: torch.dtype) -> bool:
+        return use_packed(rows, dtype)
+
+    def pack(self, w):
+        return pack_linear(w)
+
+    def linear(self, x, packed, bias=None):
+        return packed_linear(x, packed, bias)
+
+
+ONEDNN = OneDnnPacked()
+
+
+class CpuKernels:
+    """The CPU kernels a module tries in turn, each with its packed copy of the module's weights: the
+    caller's kernel (``cpu_kernel``, None by default), then oneDNN's. Mixed into NomicMoELinear and
+    NomicMoEExperts; ``_apply`` (a move or recast) drops the copies."""
+
+    def init_cpu_kernels(self):
+        self.pack_cpu = cpu_pack_enabled()
+        self.cpu_kernel = None
+        self._kernel_pack, self._pack = PackCache(), PackCache()
+
+    def set_cpu_kernel(self, kernel):
+        self.cpu_kernel = kernel
+        self._kernel_pack.clear()  # another kernel, another layout
+
+    def cpu_kernels(self):
+        """[(kernel, its PackCache)], in the order they are tried."""
+        own = [(self.cpu_kernel, self._kernel_pack)] if self.cpu_kernel is not None else []
+        return own + [(ONEDNN, self._pack)]
+
+    def clear_packs(self):
+        self._pack.clear()
+        self._kernel_pack.clear()
+
+
+def experts_packed(x, routing, w1, w2, kernels):
+    """experts_sorted with each segment's product on the first of ``kernels`` that accepts its rows:
+    pairs (kernel, packs), ``packs()`` giving that kernel's (ups, downs) (pack_experts, made on first
+    need). Same dispatch, same math; a segment none accepts (a long fp32 one) takes the stored weights."""
     def ffn(e, rows):
-        if kernel is not None and kernel.accepts(rows.shape[0], rows.dtype):
-            ups, downs = kernel_packs()
-            return kernel.linear(F.gelu(kernel.linear(rows, ups[e])), downs[e])
-        if not use_packed(rows.shape[0], rows.dtype):
-            return expert_ffn(rows, w1, w2, e)
-        ups, downs = packs()
-        return packed_linear(F.gelu(packed_linear(rows, ups[e])), downs[e])
+        for kernel, packs in kernels:
+            if kernel.accepts(rows.shape[0], rows.dtype):
+                ups, downs = packs()
+                return kernel.linear(F.gelu(kernel.linear(rows, ups[e])), downs[e])
+        return expert_ffn(rows, w1, w2, e)
     return dispatch_sorted(x, routing, w1.shape[0], ffn)
 
 

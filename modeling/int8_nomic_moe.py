@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .experts_nomic_moe import PackCache
+
 GROUPS = ("experts", "attention", "mlp")
 ACTIVATIONS = ("per_batch", "per_token")
 
@@ -90,7 +92,7 @@ class Int8Linear(nn.Module):
         self.activations = activations
         # per_token only: a CPU kernel of the caller's (NomicMoEModel.set_cpu_kernel) with the same s32 sums for the
         # calls it accepts (accepts(rows, torch.int8), pack_int8(wq, scale), linear_int8(x, packed, bias))
-        self.cpu_kernel, self._kernel_pack = None, None
+        self.cpu_kernel, self._kernel_pack = None, PackCache()
         b = None if bias is None else bias.detach().float().contiguous()
         q = quantize_weight(weight)
         if activations == "per_token":
@@ -100,6 +102,10 @@ class Int8Linear(nn.Module):
         else:
             with quantized_engine(engine):
                 self._packed = torch.ops.quantized.linear_prepack(q, b)
+
+    def set_cpu_kernel(self, kernel):
+        self.cpu_kernel = kernel
+        self._kernel_pack.clear()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, engine: str, activations: str = "per_batch") -> "Int8Linear":
@@ -111,9 +117,7 @@ class Int8Linear(nn.Module):
             flat = flat.float()
         kernel = self.cpu_kernel
         if self.activations == "per_token" and kernel is not None and kernel.accepts(flat.shape[0], torch.int8):
-            if self._kernel_pack is None:
-                self._kernel_pack = kernel.pack_int8(self._wq, self._w_scale)
-            y = kernel.linear_int8(flat, self._kernel_pack, self._bias)
+            y = kernel.linear_int8(flat, self._kernel_pack.get(kernel.pack_int8, self._wq, self._w_scale), self._bias)
         elif self.activations == "per_token":
             y = int8_matmul_per_token(flat, self._wq, self._w_scale, self._bias)
         else:

@@ -38,23 +38,20 @@ from .configuration_nomic_moe import NomicBertConfig, NomicMoEConfig
 from .cpu_nomic_moe import int8_engine, warn_if_emulated_bf16, why_no_int8
 from .experts_nomic_moe import (
     BACKENDS,
+    CpuKernels,
     PackCache,
     Target,
     auto_choice,
     can_run_packed,
-    cpu_pack_enabled,
     dispatch_sorted,
     experts_dense,
     experts_graph,
     experts_packed,
     experts_sorted,
     pack_experts,
-    pack_linear,
     pack_w2,
-    packed_linear,
     run_auto,
     run_first,
-    use_packed,
     why_unavailable,
 )
 from .int8_nomic_moe import GROUPS as INT8_GROUPS
@@ -189,36 +186,27 @@ def is_exporting() -> bool:
     return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (compiler_exporting and compiler_exporting()))
 
 
-class NomicMoELinear(nn.Linear):
+class NomicMoELinear(CpuKernels, nn.Linear):
     """nn.Linear (same parameters, same state dict) whose CPU inference in fp32 (and in bf16 where the
-    CPU has it natively) uses its weight packed once in oneDNN's layout (use_packed: fp32 up to
-    PACKED_MAX_ROWS rows, bf16 always): F.linear re-lays the weight out in every call, which at a
-    short query's few rows costs about as much as the product; at fp32 batch sizes the stored layout
-    is as fast or faster (RESULTS.md, "CPU: packed or not, by rows").
-
-    ``cpu_kernel`` (None, or set by NomicMoEModel.set_cpu_kernel): a kernel of the caller's for the
-    same product, with its own packed layout, taking the calls it accepts before oneDNN does. It
-    has ``accepts(rows, dtype)``, ``pack(weight [out, in])`` and ``linear(x, packed, bias)``; the
-    package's few-row kernel (nomic_moe_kernels.small_gemm) is one."""
+    CPU has it natively) uses its weight packed once for a CPU kernel: oneDNN's layout (use_packed: fp32
+    up to PACKED_MAX_ROWS rows, bf16 always), or first a kernel of the caller's (``cpu_kernel``, see
+    CpuKernels; the package's few-row kernel nomic_moe_kernels.small_gemm is one). F.linear re-lays the
+    weight out in every call, which at a short query's few rows costs about as much as the product; at
+    fp32 batch sizes the stored layout is as fast or faster (RESULTS.md, "CPU: packed or not, by rows")."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pack_cpu = cpu_pack_enabled()
-        self._pack, self._kernel_pack = PackCache(), PackCache()
-        self.cpu_kernel = None
+        self.init_cpu_kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pack_cpu and x.dim() == 2 and self.weight.dtype == x.dtype and can_run_packed(x):
-            kernel = self.cpu_kernel
-            if kernel is not None and kernel.accepts(x.shape[0], x.dtype):
-                return kernel.linear(x, self._kernel_pack.get(kernel.pack, self.weight), self.bias)
-            if use_packed(x.shape[0], x.dtype):
-                return packed_linear(x, self._pack.get(pack_linear, self.weight), self.bias)
+            for kernel, packs in self.cpu_kernels():
+                if kernel.accepts(x.shape[0], x.dtype):
+                    return kernel.linear(x, packs.get(kernel.pack, self.weight), self.bias)
         return super().forward(x)
 
     def _apply(self, fn, *args, **kwargs):
-        self._pack.clear()  # moved or recast: the packed copies no longer match
-        self._kernel_pack.clear()
+        self.clear_packs()  # moved or recast: the packed copies no longer match
         return super()._apply(fn, *args, **kwargs)
 
 
@@ -479,7 +467,7 @@ class NomicMoEExpertWeights(nn.Module):
         return self.w1.view(self.shape), self.w2.view(self.shape)
 
 
-class NomicMoEExperts(nn.Module):
+class NomicMoEExperts(CpuKernels, nn.Module):
     def __init__(self, config: NomicMoEConfig):
         super().__init__()
         self.mlp = NomicMoEExpertWeights(config)
@@ -489,9 +477,8 @@ class NomicMoEExperts(nn.Module):
         self.int8 = None  # Int8Experts after quantize_int8()
         # fp32 (and native bf16) inference on the CPU packs the expert matrices once in oneDNN's layout
         # (a second copy, 906 MB fp32 / 453 MB bf16 at the real size); NOMIC_MOE_CPU_PACK=0 keeps only the stored weights
-        self.pack_cpu = cpu_pack_enabled()
-        self._pack, self._w2_t, self._kernel_pack = PackCache(), PackCache(), PackCache()
-        self.cpu_kernel = None  # as NomicMoELinear's: takes the expert segments it accepts
+        self.init_cpu_kernels()  # as NomicMoELinear's: a kernel takes the expert segments it accepts
+        self._w2_t = PackCache()
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.int8 is not None:
@@ -502,9 +489,9 @@ class NomicMoEExperts(nn.Module):
         if self.pack_cpu and can_run_packed(x) and w1.dtype == x.dtype \
                 and self.implementation == "auto" and auto_choice(target, False) == "sorted":
             self.last_used = "sorted (packed)"  # the floor's math with the weights laid out once
-            kernel = self.cpu_kernel
-            kernel_packs = None if kernel is None else (lambda: self._kernel_pack.get(functools.partial(pack_experts, pack=kernel.pack), w1, w2))
-            return experts_packed(x, routing, lambda: self._pack.get(pack_experts, w1, w2), w1, w2, kernel, kernel_packs) + self.bias
+            kernels = [(k, functools.partial(packs.get, functools.partial(pack_experts, pack=k.pack), w1, w2))
+                       for k, packs in self.cpu_kernels()]
+            return experts_packed(x, routing, w1, w2, kernels) + self.bias
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled() \
                 and self.implementation in ("auto", "sorted"):
             self.last_used = "sorted"  # half precision on the CPU: w2 packed once as [out, in] rows
@@ -521,9 +508,8 @@ class NomicMoEExperts(nn.Module):
         return BACKENDS[self.implementation](x, routing, w1, w2) + self.bias
 
     def _apply(self, fn, *args, **kwargs):
-        self._pack.clear()  # moved or recast: the packed copies no longer match
+        self.clear_packs()  # moved or recast: the packed copies no longer match
         self._w2_t.clear()
-        self._kernel_pack.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -655,11 +641,8 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         a short query faster on the CPU is ``nomic_moe_kernels.small_gemm.install(model)``."""
         self.cpu_kernel = kernel  # quantize_int8 hands it to the int8 matrices it makes
         for m in self.modules():
-            if isinstance(m, (NomicMoELinear, NomicMoEExperts)):
-                m.cpu_kernel = kernel
-                m._kernel_pack.clear()  # another kernel, another layout
-            elif isinstance(m, Int8Linear):
-                m.cpu_kernel, m._kernel_pack = kernel, None
+            if isinstance(m, (CpuKernels, Int8Linear)):
+                m.set_cpu_kernel(kernel)
 
     @torch.no_grad()
     def quantize_int8(self, groups=INT8_GROUPS, engine: Optional[str] = None, activations: str = "per_batch") -> dict:

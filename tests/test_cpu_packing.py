@@ -66,12 +66,12 @@ def test_bf16_model_packs_once_and_repacks_after_a_weight_change(ckpts, monkeypa
 # --- fp32: every expert matrix prepacked in oneDNN's layout (experts_packed) ---------------------
 
 def test_oneDNN_packed_experts_match_the_reference():
-    from nomic_moe_modeling.experts_nomic_moe import experts_packed, pack_experts, packed_available
+    from nomic_moe_modeling.experts_nomic_moe import ONEDNN, experts_packed, pack_experts, packed_available
 
     assert packed_available(), "this torch has no oneDNN: the CPU fast path would never run"
     for case in (dict(N=60), dict(N=1, k=1, E=4), dict(N=90, skew=True), dict(N=700), dict(N=0)):
         x, routing, w1, w2 = make_case(**case)
-        got = experts_packed(x, routing, lambda: pack_experts(w1, w2), w1, w2)  # N=700: long segments, stored weights
+        got = experts_packed(x, routing, w1, w2, [(ONEDNN, lambda: pack_experts(w1, w2))])  # N=700: long segments, stored weights
         ref = BACKENDS["eager"](x, routing, w1, w2)
         assert got.shape == ref.shape
         if ref.numel():
