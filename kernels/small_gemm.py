@@ -36,9 +36,11 @@ SOURCE = Path(__file__).with_name("small_gemm.c")
 # Rows per call up to which the kernel is used. Measured on the AVX-512 VMs (one MoE layer's
 # experts, cold weights; RESULTS.md "CPU: a few-row kernel of our own"): fp32 1.35x oneDNN's packed
 # product at 8 rows, 1.17x at 16, equal from 24 to 128 (beyond, the stored weights' GEMM is the
-# fastest); bf16 1.5x at 8 rows, equal at 32; int8 1.67x FBGEMM at 8 rows, equal at 32 and slower
-# above, where the 128-row attention products of a 128-token query lost 20%.
-MAX_ROWS = {torch.float32: 128, torch.bfloat16: 128, torch.int8: 32}
+# fastest); bf16 1.5x at 8 rows, equal at 32; int8 1.67x FBGEMM at 8 rows, equal at 32. The int8
+# kernel runs per-token activations, whose other path is torch._int_mm: ours is 1.2-1.4x faster at
+# 64 rows and as fast at 128 (AMD EPYC, 2026-12-07), and a 128-token query 1.11x faster with the
+# kernel up to 128 rows than up to 32 (FBGEMM's per-batch path is 10-20% faster at 128 rows on Intel).
+MAX_ROWS = {torch.float32: 128, torch.bfloat16: 128, torch.int8: 128}
 
 
 class KernelUnavailable(RuntimeError):

@@ -198,7 +198,7 @@ def test_build_is_cached_and_atomic(kernel, monkeypatch, tmp_path):
     assert (lib.linear(x, lib.pack(w)) - F.linear(x, w)).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("rows,k,n", [(1, 96, 64), (8, 768, 160), (9, 64, 100), (31, 200, 33), (0, 64, 32)])
+@pytest.mark.parametrize("rows,k,n", [(1, 96, 64), (8, 768, 160), (9, 64, 100), (31, 200, 33), (0, 64, 32), (128, 96, 40)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_int8_product_has_the_per_token_sums(kernel, rows, k, n, with_bias):
     """The same s8 numbers, s32 sums and float epilogue as int8_matmul_per_token (torch._int_mm): equal."""
