@@ -60,26 +60,48 @@ static inline __attribute__((always_inline)) void tile_f32(
   }
 }
 
+// All M rows against one panel, MT rows at a time (a panel re-read for the next tile comes from L2).
+static void panel_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *panel, const float *b,
+                      float *y, int64_t ldy, int ncols) {
+  for (int64_t m0 = 0; m0 < M; m0 += MT) {
+    const float *xm = x + m0 * ldx;
+    float *ym = y + m0 * ldy;
+    switch (M - m0 >= MT ? MT : (int)(M - m0)) {
+#define CASE(n) case n: tile_f32(xm, ldx, n, K, panel, b, ym, ldy, ncols); break;
+      CASE(1) CASE(2) CASE(3) CASE(4)
+#if MT == 8
+      CASE(5) CASE(6) CASE(7) CASE(8)
+#endif
+#undef CASE
+    }
+  }
+}
+
+static inline int panel_cols(int64_t N, int64_t p) { return (int)(N - p * NB < NB ? N - p * NB : NB); }
+
 // x [M, K] (row stride ldx), packed W, bias [N] or NULL, y [M, N] (row stride ldy).
 void nm_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *wp, int64_t N,
                    const float *bias, float *y, int64_t ldy, int nthreads) {
   int64_t panels = (N + NB - 1) / NB;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-  for (int64_t p = 0; p < panels; p++) {
-    int ncols = (int)(N - p * NB < NB ? N - p * NB : NB);
-    const float *panel = wp + p * K * NB, *b = bias ? bias + p * NB : 0;
-    for (int64_t m0 = 0; m0 < M; m0 += MT) {  // a panel re-read for the next tile comes from L2
-      const float *xm = x + m0 * ldx;
-      float *ym = y + m0 * ldy + p * NB;
-      switch (M - m0 >= MT ? MT : (int)(M - m0)) {
-#define CASE(n) case n: tile_f32(xm, ldx, n, K, panel, b, ym, ldy, ncols); break;
-        CASE(1) CASE(2) CASE(3) CASE(4)
-#if MT == 8
-        CASE(5) CASE(6) CASE(7) CASE(8)
-#endif
-#undef CASE
-      }
-    }
+  for (int64_t p = 0; p < panels; p++)
+    panel_f32(x, ldx, M, K, wp + p * K * NB, bias ? bias + p * NB : 0, y + p * NB, ldy, panel_cols(N, p));
+}
+
+// One MoE layer's experts in one call: rows bounds[e]..bounds[e+1] of x (grouped by expert) against
+// expert e's packed W (wps[e]); y the same rows. Each thread takes its share of every expert's panels
+// and goes on to the next expert without waiting (nowait): one parallel region, no barrier between
+// experts, and no Python between two experts' products. The sums are those of nm_linear_f32.
+void nm_grouped_f32(const float *x, int64_t ldx, int64_t K, int64_t E, const int64_t *bounds,
+                    const float *const *wps, int64_t N, float *y, int64_t ldy, int nthreads) {
+  int64_t panels = (N + NB - 1) / NB;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  for (int64_t e = 0; e < E; e++) {
+    int64_t lo = bounds[e], rows = bounds[e + 1] - bounds[e];
+    if (rows <= 0) continue;  // every thread skips the same experts: the worksharing loops stay in step
+#pragma omp for schedule(static) nowait
+    for (int64_t p = 0; p < panels; p++)
+      panel_f32(x + lo * ldx, ldx, rows, K, wps[e] + p * K * NB, 0, y + lo * ldy + p * NB, ldy, panel_cols(N, p));
   }
 }
 
@@ -124,23 +146,39 @@ static inline __attribute__((always_inline)) void tile_bf16(
   }
 }
 
+static void panel_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *panel,
+                       const uint16_t *b, uint16_t *y, int64_t ldy, int ncols) {
+  for (int64_t m0 = 0; m0 < M; m0 += MT) {
+    const uint16_t *xm = x + m0 * ldx;
+    uint16_t *ym = y + m0 * ldy;
+    switch (M - m0 >= MT ? MT : (int)(M - m0)) {
+#define CASE(n) case n: tile_bf16(xm, ldx, n, K, panel, b, ym, ldy, ncols); break;
+      CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+    }
+  }
+}
+
 // As nm_linear_f32, in bf16 (bit patterns as uint16) with fp32 sums; K must be even.
 void nm_linear_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
                     const uint16_t *bias, uint16_t *y, int64_t ldy, int nthreads) {
   int64_t panels = (N + NB - 1) / NB;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-  for (int64_t p = 0; p < panels; p++) {
-    int ncols = (int)(N - p * NB < NB ? N - p * NB : NB);
-    const uint16_t *panel = wp + p * K * NB, *b = bias ? bias + p * NB : 0;
-    for (int64_t m0 = 0; m0 < M; m0 += MT) {
-      const uint16_t *xm = x + m0 * ldx;
-      uint16_t *ym = y + m0 * ldy + p * NB;
-      switch (M - m0 >= MT ? MT : (int)(M - m0)) {
-#define CASE(n) case n: tile_bf16(xm, ldx, n, K, panel, b, ym, ldy, ncols); break;
-        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
-#undef CASE
-      }
-    }
+  for (int64_t p = 0; p < panels; p++)
+    panel_bf16(x, ldx, M, K, wp + p * K * NB, bias ? bias + p * NB : 0, y + p * NB, ldy, panel_cols(N, p));
+}
+
+// As nm_grouped_f32, in bf16.
+void nm_grouped_bf16(const uint16_t *x, int64_t ldx, int64_t K, int64_t E, const int64_t *bounds,
+                     const uint16_t *const *wps, int64_t N, uint16_t *y, int64_t ldy, int nthreads) {
+  int64_t panels = (N + NB - 1) / NB;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  for (int64_t e = 0; e < E; e++) {
+    int64_t lo = bounds[e], rows = bounds[e + 1] - bounds[e];
+    if (rows <= 0) continue;
+#pragma omp for schedule(static) nowait
+    for (int64_t p = 0; p < panels; p++)
+      panel_bf16(x + lo * ldx, ldx, rows, K, wps[e] + p * K * NB, 0, y + lo * ldy + p * NB, ldy, panel_cols(N, p));
   }
 }
 #else
@@ -188,6 +226,36 @@ static inline __attribute__((always_inline)) void tile_s8(
   }
 }
 
+// One row quantized as quantize_rows in int8_nomic_moe.py (symmetric s8, scale max|x|/127, round half
+// to even), stored shifted to u8 (+128) for vpdpbusd's unsigned operand.
+static void quantize_row(const float *row, int64_t K, uint8_t *q, float *scale_out) {
+  __m512 vmax = _mm512_setzero_ps();  // max |x| in vectors: the order of a max does not change it
+  int64_t k = 0;
+  for (; k + VW <= K; k += VW) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+  float amax = _mm512_reduce_max_ps(vmax);
+  for (; k < K; k++) {  // not fmaxf: its NaN rule keeps it a scalar call per element
+    float a = fabsf(row[k]);
+    amax = a > amax ? a : amax;
+  }
+  float scale = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
+  *scale_out = scale;
+  for (k = 0; k < K; k++) q[k] = (uint8_t)((int)nearbyintf(row[k] / scale) + 128);
+}
+
+static void panel_s8(const uint8_t *xq, int64_t K, int64_t M, const int8_t *panel, const int32_t *colsum,
+                     const float *xscale, const float *wscale, const float *b, float *y, int64_t ldy, int ncols) {
+  for (int64_t m0 = 0; m0 < M; m0 += MT) {
+    const uint8_t *xm = xq + m0 * K;
+    float *ym = y + m0 * ldy;
+    const float *xs = xscale + m0;
+    switch (M - m0 >= MT ? MT : (int)(M - m0)) {
+#define CASE(n) case n: tile_s8(xm, K, n, panel, colsum, xs, wscale, b, ym, ldy, ncols); break;
+      CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+    }
+  }
+}
+
 // y [M, N] fp32 = (x quantized per row: symmetric s8, scale max|x|/127) @ (s8 W, scale per column).T
 // (+ bias): the integer sums of torch._int_mm on the same s8 numbers. K must be a multiple of 4.
 // Returns 0, or -1 where the activations' buffer could not be had.
@@ -196,36 +264,39 @@ int nm_linear_s8(const float *x, int64_t ldx, int64_t M, int64_t K, const int8_t
   uint8_t *xq = malloc((size_t)(M * K));
   float *xscale = malloc((size_t)M * sizeof(float));
   if (!xq || !xscale) { free(xq); free(xscale); return -1; }
-  for (int64_t m = 0; m < M; m++) {  // as quantize_rows in int8_nomic_moe.py: round half to even
-    const float *row = x + m * ldx;
-    // max |x| in vectors (the order of a max does not change it); K is a multiple of 4, not of 16
-    __m512 vmax = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + VW <= K; k += VW) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
-    float amax = _mm512_reduce_max_ps(vmax);
-    for (; k < K; k++) {  // not fmaxf: its NaN rule keeps it a scalar call per element
-      float a = fabsf(row[k]);
-      amax = a > amax ? a : amax;
-    }
-    float scale = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
-    xscale[m] = scale;
-    for (int64_t k = 0; k < K; k++) xq[m * K + k] = (uint8_t)((int)nearbyintf(row[k] / scale) + 128);
-  }
+  for (int64_t m = 0; m < M; m++) quantize_row(x + m * ldx, K, xq + m * K, xscale + m);
   int64_t panels = (N + NB - 1) / NB;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-  for (int64_t p = 0; p < panels; p++) {
-    int ncols = (int)(N - p * NB < NB ? N - p * NB : NB);
-    const int8_t *panel = wp + p * K * NB;
-    const float *b = bias ? bias + p * NB : 0;
-    for (int64_t m0 = 0; m0 < M; m0 += MT) {
-      const uint8_t *xm = xq + m0 * K;
-      float *ym = y + m0 * ldy + p * NB;
-      const float *xs = xscale + m0;
-      switch (M - m0 >= MT ? MT : (int)(M - m0)) {
-#define CASE(n) case n: tile_s8(xm, K, n, panel, colsum + p * NB, xs, wscale + p * NB, b, ym, ldy, ncols); break;
-        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
-#undef CASE
-      }
+  for (int64_t p = 0; p < panels; p++)
+    panel_s8(xq, K, M, wp + p * K * NB, colsum + p * NB, xscale, wscale + p * NB, bias ? bias + p * NB : 0,
+             y + p * NB, ldy, panel_cols(N, p));
+  free(xq);
+  free(xscale);
+  return 0;
+}
+
+// As nm_grouped_f32, in int8: every row quantized once (rows split between the threads), then each
+// expert's rows against its s8 panels (wps[e], colsums[e], wscales[e]). Returns 0, or -1 as nm_linear_s8.
+int nm_grouped_s8(const float *x, int64_t ldx, int64_t K, int64_t E, const int64_t *bounds,
+                  const int8_t *const *wps, const int32_t *const *colsums, const float *const *wscales,
+                  int64_t N, float *y, int64_t ldy, int nthreads) {
+  int64_t M = bounds[E] - bounds[0];
+  uint8_t *xq = malloc((size_t)(M * K));
+  float *xscale = malloc((size_t)M * sizeof(float));
+  if (!xq || !xscale) { free(xq); free(xscale); return -1; }
+  int64_t panels = (N + NB - 1) / NB, first = bounds[0];
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) quantize_row(x + (first + m) * ldx, K, xq + m * K, xscale + m);
+    // (the loop's closing barrier: every row is quantized before any product reads one)
+    for (int64_t e = 0; e < E; e++) {
+      int64_t lo = bounds[e] - first, rows = bounds[e + 1] - bounds[e];
+      if (rows <= 0) continue;
+#pragma omp for schedule(static) nowait
+      for (int64_t p = 0; p < panels; p++)
+        panel_s8(xq + lo * K, K, rows, wps[e] + p * K * NB, colsums[e] + p * NB, xscale + lo, wscales[e] + p * NB, 0,
+                 y + (first + lo) * ldy + p * NB, ldy, panel_cols(N, p));
     }
   }
   free(xq);

@@ -5,6 +5,8 @@
     y = kernel.linear(x, packed, bias)  # == F.linear(x, w, bias) (tests/test_small_gemm.py)
     q = kernel.pack_int8(wq, scale)     # s8 [out, in] + per-channel scale (AVX512_VNNI)
     y = kernel.linear_int8(x, q, bias)  # == int8_matmul_per_token: the same s32 sums
+    y = kernel.linear_grouped(xs, bounds, [packed_e, ...])  # an MoE layer's experts in one call:
+                                        # rows bounds[e]:bounds[e+1] through expert e, as linear()
 
 A short query gives each expert about 8 rows; oneDNN's GEMM reads the weight at 55-65% of the
 memory's speed there, this kernel at 85-95% (RESULTS.md, "CPU: a few-row kernel of our own").
@@ -91,6 +93,14 @@ class SmallGemm:
             self._s8 = lib.nm_linear_s8
             self._s8.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
             self._s8.restype = ctypes.c_int
+            self._grouped_s8 = lib.nm_grouped_s8
+            self._grouped_s8.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, ctypes.c_int]
+            self._grouped_s8.restype = ctypes.c_int
+        self._grouped = {torch.float32: lib.nm_grouped_f32}
+        if self.bf16:
+            self._grouped[torch.bfloat16] = lib.nm_grouped_bf16
+        for fn in self._grouped.values():
+            fn.argtypes, fn.restype = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64, ctypes.c_int], None
 
     def dtypes(self):
         """What it computes: fp32, bf16 (AVX512_BF16) and int8 (per-token activations, AVX512_VNNI)."""
@@ -135,6 +145,39 @@ class SmallGemm:
         call = self._f32 if x.dtype == torch.float32 else self._bf16
         call(x.data_ptr(), x.stride(0), x.shape[0], packed.k, packed.panels.data_ptr(), packed.n,
              None if bias is None else bias.data_ptr(), y.data_ptr(), packed.n, torch.get_num_threads())
+        return y
+
+    @staticmethod
+    def _groups(xs: torch.Tensor, bounds, packs, dtype: torch.dtype):
+        """Checks a grouped call: xs [M, k] in ``dtype``, bounds [E+1] from 0 to M, E packs of one shape.
+        Returns xs with unit column stride, the output [M, n] and the bounds as a C array."""
+        if len(bounds) != len(packs) + 1 or bounds[0] != 0 or bounds[-1] != xs.shape[0] \
+                or any(hi < lo for lo, hi in zip(bounds[:-1], bounds[1:])):
+            raise ValueError(f"bounds {list(bounds)} do not split {xs.shape[0]} rows among {len(packs)} experts")
+        if not packs or any((p.n, p.k) != (packs[0].n, packs[0].k) for p in packs):
+            raise ValueError("a grouped call needs one or more packed weights of one shape")
+        xs, y = SmallGemm._rows(xs, packs[0], dtype)
+        return xs, y, (_I64 * len(bounds))(*bounds)
+
+    def linear_grouped(self, xs: torch.Tensor, bounds, packs) -> torch.Tensor:
+        """Rows grouped by expert: y[bounds[e]:bounds[e+1]] = linear(xs[bounds[e]:bounds[e+1]], packs[e]),
+        the same sums, in one call (one parallel region for all the experts, no bias)."""
+        xs, y, c_bounds = self._groups(xs, bounds, packs, packs[0].panels.dtype if packs else torch.float32)
+        if xs.shape[0]:
+            ptrs = (_PTR * len(packs))(*(p.panels.data_ptr() for p in packs))
+            self._grouped[xs.dtype](xs.data_ptr(), xs.stride(0), packs[0].k, len(packs), c_bounds, ptrs, packs[0].n,
+                                    y.data_ptr(), packs[0].n, torch.get_num_threads())
+        return y
+
+    def linear_int8_grouped(self, xs: torch.Tensor, bounds, packs) -> torch.Tensor:
+        """As linear_grouped, with PackedInt8 weights: linear_int8 of each expert's rows, in one call."""
+        xs, y, c_bounds = self._groups(xs, bounds, packs, torch.float32)
+        if xs.shape[0]:
+            arrays = [(_PTR * len(packs))(*(getattr(p, f).data_ptr() for p in packs)) for f in ("panels", "colsum", "scale")]
+            status = self._grouped_s8(xs.data_ptr(), xs.stride(0), packs[0].k, len(packs), c_bounds, *arrays, packs[0].n,
+                                      y.data_ptr(), packs[0].n, torch.get_num_threads())
+            if status != 0:
+                raise MemoryError(f"the int8 kernel could not allocate {xs.shape[0] * packs[0].k} bytes for its activations")
         return y
 
     def pack_int8(self, wq: torch.Tensor, scale: torch.Tensor) -> PackedInt8:

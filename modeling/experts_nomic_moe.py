@@ -82,13 +82,18 @@ def combine(y_sorted, routing, n_tokens):
     return y.view(n_tokens, routing.top_k, y.shape[-1]).sum(1)
 
 
-def dispatch_sorted(x, routing, n_experts, ffn):
+def dispatch_sorted(x, routing, n_experts, ffn, grouped=None):
     """Gather x once in expert order, run ``ffn(e, rows)`` on each non-empty segment, combine.
 
     The CPU paths share it (float, prepacked, int8); only the per-expert product differs.
+    ``grouped(xs, bounds)``, where given, may run every segment at once (a CPU kernel's grouped call)
+    and return all the rows, or None to leave them to ``ffn``.
     """
     xs = x[routing.sorted_tokens()]  # [N*k, H], grouped by expert
     bounds = routing.offsets.tolist()  # the one host sync of this path
+    y = grouped(xs, bounds) if grouped is not None else None
+    if y is not None:
+        return combine(y, routing, x.shape[0])
     segments = [ffn(e, xs[bounds[e]:bounds[e + 1]]) for e in range(n_experts) if bounds[e + 1] > bounds[e]]
     y = torch.cat(segments) if segments else xs.new_zeros(0, x.shape[1])
     return combine(y, routing, x.shape[0])
@@ -237,14 +242,24 @@ class CpuKernels:
 def experts_packed(x, routing, w1, w2, kernels):
     """experts_sorted with each segment's product on the first of ``kernels`` that accepts its rows:
     pairs (kernel, packs), ``packs()`` giving that kernel's (ups, downs) (pack_experts, made on first
-    need). Same dispatch, same math; a segment none accepts (a long fp32 one) takes the stored weights."""
+    need). Same dispatch, same math; a segment none accepts (a long fp32 one) takes the stored weights.
+    A kernel with ``linear_grouped`` that accepts every segment runs the layer's experts in two calls
+    (all the ups, one GELU, all the downs): the same sums, without a call per expert."""
     def ffn(e, rows):
         for kernel, packs in kernels:
             if kernel.accepts(rows.shape[0], rows.dtype):
                 ups, downs = packs()
                 return kernel.linear(F.gelu(kernel.linear(rows, ups[e])), downs[e])
         return expert_ffn(rows, w1, w2, e)
-    return dispatch_sorted(x, routing, w1.shape[0], ffn)
+
+    def grouped(xs, bounds):
+        kernel, packs = kernels[0]
+        if not hasattr(kernel, "linear_grouped") or \
+                not all(kernel.accepts(hi - lo, xs.dtype) for lo, hi in zip(bounds[:-1], bounds[1:])):
+            return None
+        ups, downs = packs()
+        return kernel.linear_grouped(F.gelu(kernel.linear_grouped(xs, bounds, ups)), bounds, downs)
+    return dispatch_sorted(x, routing, w1.shape[0], ffn, grouped)
 
 
 def pack_w2(w2):

@@ -107,6 +107,10 @@ class Int8Linear(nn.Module):
         self.cpu_kernel = kernel
         self._kernel_pack.clear()
 
+    def kernel_pack(self):
+        """This matrix in the CPU kernel's int8 layout (per_token only), made on first use."""
+        return self._kernel_pack.get(self.cpu_kernel.pack_int8, self._wq, self._w_scale)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, engine: str, activations: str = "per_batch") -> "Int8Linear":
         return cls(linear.weight, linear.bias, engine, activations)
@@ -117,7 +121,7 @@ class Int8Linear(nn.Module):
             flat = flat.float()
         kernel = self.cpu_kernel
         if self.activations == "per_token" and kernel is not None and kernel.accepts(flat.shape[0], torch.int8):
-            y = kernel.linear_int8(flat, self._kernel_pack.get(kernel.pack_int8, self._wq, self._w_scale), self._bias)
+            y = kernel.linear_int8(flat, self.kernel_pack(), self._bias)
         elif self.activations == "per_token":
             y = int8_matmul_per_token(flat, self._wq, self._w_scale, self._bias)
         else:
@@ -142,4 +146,16 @@ class Int8Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing, dispatch) -> torch.Tensor:
         """Same dispatch as experts_sorted (``dispatch`` is experts_nomic_moe.dispatch_sorted)."""
-        return dispatch(x, routing, len(self.ups), lambda e, rows: self.downs[e](F.gelu(self.ups[e](rows))))
+        return dispatch(x, routing, len(self.ups), lambda e, rows: self.downs[e](F.gelu(self.ups[e](rows))), self.grouped)
+
+    def grouped(self, xs: torch.Tensor, bounds) -> Optional[torch.Tensor]:
+        """Every expert at once on a CPU kernel with grouped int8 calls, where it takes each segment:
+        the sums of the per-expert calls, in two calls (all the ups, one GELU, all the downs); else None."""
+        kernel = self.ups[0].cpu_kernel
+        if kernel is None or not hasattr(kernel, "linear_int8_grouped") \
+                or any(m.cpu_kernel is not kernel or m.activations != "per_token" for m in (*self.ups, *self.downs)) \
+                or not all(kernel.accepts(hi - lo, torch.int8) for lo, hi in zip(bounds[:-1], bounds[1:])):
+            return None
+        xs = xs if xs.dtype == torch.float32 else xs.float()
+        h = kernel.linear_int8_grouped(xs, bounds, [m.kernel_pack() for m in self.ups])
+        return kernel.linear_int8_grouped(F.gelu(h), bounds, [m.kernel_pack() for m in self.downs])

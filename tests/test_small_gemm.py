@@ -44,6 +44,43 @@ class Counting:
         return self.inner.linear(x, packed, bias)
 
 
+
+class CountingGrouped(Counting):
+    """As Counting, with the kernel's grouped call (one call for a layer's experts)."""
+
+    grouped = 0
+
+    def linear_grouped(self, xs, bounds, packs):
+        self.calls += 1
+        self.grouped += 1
+        self.rows.extend(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:]))
+        return self.inner.linear_grouped(xs, bounds, packs)
+
+
+class Int8PerExpert:
+    """The int8 side of the kernel without its grouped call: one call per expert segment."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def accepts(self, rows, dtype):
+        return self.inner.accepts(rows, dtype)
+
+    def pack_int8(self, wq, scale):
+        return self.inner.pack_int8(wq, scale)
+
+    def linear_int8(self, x, packed, bias=None):
+        return self.inner.linear_int8(x, packed, bias)
+
+
+class Int8Grouped(Int8PerExpert):
+    grouped = 0
+
+    def linear_int8_grouped(self, xs, bounds, packs):
+        self.grouped += 1
+        return self.inner.linear_int8_grouped(xs, bounds, packs)
+
+
 SHAPES = [(1, 96, 64), (3, 37, 33), (8, 768, 160), (9, 64, 100), (17, 200, 96), (130, 96, 70), (0, 64, 32)]
 
 
@@ -105,7 +142,7 @@ def test_what_the_kernel_accepts_and_refuses(kernel):
 
 def test_model_with_the_kernel_matches_the_plain_reference(kernel, models):
     model, W, cfg = models("8x2")
-    spy = Counting(kernel)
+    spy = CountingGrouped(kernel)
     model.set_cpu_kernel(spy)
     try:
         for lengths in ([1], [5, 17, 3, 9], [40, 2]):
@@ -114,8 +151,8 @@ def test_model_with_the_kernel_matches_the_plain_reference(kernel, models):
                 out = model(input_ids=ids, attention_mask=mask).last_hidden_state
             for b, row in enumerate(real_rows(ids, mask)):
                 assert (out[b][mask[b].bool()] - embed_one(W, cfg, row)).abs().max().item() <= ATOL
-        # it took every product here: attention, dense MLP and each expert segment
-        assert spy.calls > 0 and max(spy.rows) <= small_gemm.MAX_ROWS[torch.float32]
+        # it took every product here: attention, dense MLP and each MoE layer's experts, all at once
+        assert spy.calls > 0 and spy.grouped > 0 and max(spy.rows) <= small_gemm.MAX_ROWS[torch.float32]
         experts = next(l for l in model.encoder.layers if l.is_moe).mlp.experts
         assert experts._kernel_pack.value is not None and experts._pack.value is None  # no oneDNN copy was made
     finally:
@@ -252,6 +289,70 @@ def test_int8_model_takes_the_kernel_and_keeps_its_numbers(kernel, ckpts):
     assert int8_activations(plain) == "per_batch"  # no kernel: FBGEMM's per-batch kernel stays the default
 
 
+BOUNDS = [0, 3, 3, 20, 21, 29, 29]  # 6 experts: empty ones, one row, more rows than a tile
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_products_are_the_per_expert_products(kernel, dtype):
+    """One call for a layer's experts gives each segment the sums of its own call, bit for bit."""
+    if dtype not in kernel.dtypes():
+        pytest.skip("this CPU has no AVX512_BF16")
+    g = torch.Generator().manual_seed(11)
+    k, n, E = 64, 100, len(BOUNDS) - 1  # n: a ragged last panel
+    packs = [kernel.pack((torch.randn(n, k, generator=g) * k**-0.5).to(dtype)) for _ in range(E)]
+    xs = torch.randn(BOUNDS[-1], k, generator=g).to(dtype)
+    got = kernel.linear_grouped(xs, BOUNDS, packs)
+    assert got.shape == (BOUNDS[-1], n) and got.dtype == dtype
+    for e in range(E):
+        lo, hi = BOUNDS[e], BOUNDS[e + 1]
+        assert torch.equal(got[lo:hi], kernel.linear(xs[lo:hi], packs[e]))
+    assert kernel.linear_grouped(xs[:0], [0] * (E + 1), packs).shape == (0, n)
+    for bad in ([0, 3, 2, 20, 21, 29, 29], [0, 3, 3, 20, 21, 29], [1, 3, 3, 20, 21, 29, 29]):
+        with pytest.raises(ValueError, match="do not split"):
+            kernel.linear_grouped(xs, bad, packs)
+    with pytest.raises(ValueError, match="one shape"):
+        kernel.linear_grouped(xs, [0, 10, 29], [packs[0], kernel.pack(torch.randn(n + 1, k).to(dtype))])
+
+
+def test_int8_grouped_products_are_the_per_token_products(kernel):
+    from nomic_moe_modeling.int8_nomic_moe import int8_matmul_per_token, quantize_weight
+
+    if not kernel.int8:
+        pytest.skip("this CPU has no AVX512_VNNI")
+    g = torch.Generator().manual_seed(12)
+    k, n, E = 96, 40, len(BOUNDS) - 1
+    qs = [quantize_weight(torch.randn(n, k, generator=g) * k**-0.5) for _ in range(E)]
+    ws = [(q.int_repr().contiguous(), q.q_per_channel_scales().float()) for q in qs]
+    xs = torch.randn(BOUNDS[-1], k, generator=g) * 3
+    got = kernel.linear_int8_grouped(xs, BOUNDS, [kernel.pack_int8(wq, s) for wq, s in ws])
+    for e in range(E):
+        lo, hi = BOUNDS[e], BOUNDS[e + 1]
+        if hi > lo:
+            assert torch.equal(got[lo:hi], int8_matmul_per_token(xs[lo:hi], *ws[e], None))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_model_gives_the_same_vectors_grouped_or_per_expert(kernel, models, dtype):
+    model, _, cfg = models("8x2")
+    model = copy.deepcopy(model)
+    if dtype == "int8":
+        if not kernel.int8:
+            pytest.skip("this CPU has no AVX512_VNNI")
+        model.set_cpu_kernel(kernel)
+        model.quantize_int8(activations="per_token")
+        grouped, per_expert = Int8Grouped(kernel), Int8PerExpert(kernel)
+    else:
+        grouped, per_expert = CountingGrouped(kernel), Counting(kernel)
+    ids, mask = random_batch([5, 17, 3, 9], cfg["vocab_size"], seed=8)
+    out = {}
+    for spy in (grouped, per_expert):
+        model.set_cpu_kernel(spy)
+        with torch.no_grad():
+            out[type(spy).__name__] = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert grouped.grouped > 0  # the layers' experts took the grouped call, and the vectors did not move
+    assert torch.equal(*out.values())
+
+
 def test_the_avx2_build_computes_the_same_products(kernel):
     """The kernel built for an AVX2-only CPU (8-float vectors, 4-row tiles, no bf16 or int8), run here."""
     if "avx2" not in open("/proc/cpuinfo").read():
@@ -263,3 +364,8 @@ def test_the_avx2_build_computes_the_same_products(kernel):
         w, b, x = torch.randn(n, k, generator=g) * k**-0.5, torch.randn(n, generator=g), torch.randn(rows, k, generator=g)
         got = avx2.linear(x, avx2.pack(w), b)
         assert got.shape == (rows, n) and (rows == 0 or (got - F.linear(x, w, b)).abs().max().item() <= 1e-5)
+    packs = [avx2.pack(torch.randn(50, 37, generator=g)) for _ in range(len(BOUNDS) - 1)]
+    xs = torch.randn(BOUNDS[-1], 37, generator=g)
+    grouped = avx2.linear_grouped(xs, BOUNDS, packs)
+    for e, p in enumerate(packs):
+        assert torch.equal(grouped[BOUNDS[e]:BOUNDS[e + 1]], avx2.linear(xs[BOUNDS[e]:BOUNDS[e + 1]], p))
