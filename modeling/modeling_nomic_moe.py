@@ -239,7 +239,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [N, heads, D]
+    # x: [..., D]; cos, sin broadcast against it ([N, 1, D] for x [N, heads, D])
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -364,9 +364,10 @@ class NomicMoEAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
         N, H = x.shape
-        q, k, v = self.Wqkv(x).view(N, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x [N, h, D]
-        cos, sin = packing.rope(self.head_dim, self.rope_theta, x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.Wqkv(x).view(N, 3, self.num_heads, self.head_dim)
+        cos, sin = packing.rope(self.head_dim, self.rope_theta, x.dtype)  # [N, 1, D]
+        q, k = apply_rope(qkv[:, :2], cos[:, None], sin[:, None]).unbind(1)  # q and k in one pass: 2 x [N, h, D]
+        v = qkv[:, 2]
 
         ctx = self.attend(q, k, v, packing)
         return self.out_proj(ctx.reshape(N, H))
