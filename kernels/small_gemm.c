@@ -38,13 +38,17 @@ int nm_panel_width(void) { return NB; }
 // mt rows (a constant once inlined into the switch below) against one panel.
 static inline __attribute__((always_inline)) void tile_f32(
     const float *x, int64_t ldx, const int mt, int64_t K, const float *panel,
-    const float *bias, float *y, int64_t ldy, int ncols) {
+    const float *bias, float *y, int64_t ldy, int ncols, const float *warm) {
   vf acc[MT][2];
   for (int m = 0; m < mt; m++) acc[m][0] = acc[m][1] = (vf){0};
   for (int64_t k = 0; k < K; k++) {
     const float *w = panel + k * NB;
     __builtin_prefetch(w + AHEAD * NB);
     __builtin_prefetch(w + AHEAD * NB + VW);
+    if (warm) {  // the next panel, into L2, while this one is read again from cache (see panel_f32)
+      __builtin_prefetch(warm + k * NB, 0, 2);
+      __builtin_prefetch(warm + k * NB + VW, 0, 2);
+    }
     vf w0 = load(w), w1 = load(w + VW);
     for (int m = 0; m < mt; m++) {
       float xv = x[m * ldx + k];
@@ -62,12 +66,13 @@ static inline __attribute__((always_inline)) void tile_f32(
 
 // All M rows against one panel, MT rows at a time (a panel re-read for the next tile comes from L2).
 static void panel_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *panel, const float *b,
-                      float *y, int64_t ldy, int ncols) {
+                      float *y, int64_t ldy, int ncols, const float *next) {
   for (int64_t m0 = 0; m0 < M; m0 += MT) {
     const float *xm = x + m0 * ldx;
     float *ym = y + m0 * ldy;
+    const float *warm = m0 == MT ? next : 0;
     switch (M - m0 >= MT ? MT : (int)(M - m0)) {
-#define CASE(n) case n: tile_f32(xm, ldx, n, K, panel, b, ym, ldy, ncols); break;
+#define CASE(n) case n: tile_f32(xm, ldx, n, K, panel, b, ym, ldy, ncols, warm); break;
       CASE(1) CASE(2) CASE(3) CASE(4)
 #if MT == 8
       CASE(5) CASE(6) CASE(7) CASE(8)
@@ -85,7 +90,8 @@ void nm_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const floa
   int64_t panels = (N + NB - 1) / NB;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
   for (int64_t p = 0; p < panels; p++)
-    panel_f32(x, ldx, M, K, wp + p * K * NB, bias ? bias + p * NB : 0, y + p * NB, ldy, panel_cols(N, p));
+    panel_f32(x, ldx, M, K, wp + p * K * NB, bias ? bias + p * NB : 0, y + p * NB, ldy, panel_cols(N, p),
+              p + 1 < panels ? wp + (p + 1) * K * NB : 0);
 }
 
 // One MoE layer's experts in one call: rows bounds[e]..bounds[e+1] of x (grouped by expert) against
@@ -101,7 +107,8 @@ void nm_grouped_f32(const float *x, int64_t ldx, int64_t K, int64_t E, const int
     if (rows <= 0) continue;  // every thread skips the same experts: the worksharing loops stay in step
 #pragma omp for schedule(static) nowait
     for (int64_t p = 0; p < panels; p++)
-      panel_f32(x + lo * ldx, ldx, rows, K, wps[e] + p * K * NB, 0, y + lo * ldy + p * NB, ldy, panel_cols(N, p));
+      panel_f32(x + lo * ldx, ldx, rows, K, wps[e] + p * K * NB, 0, y + lo * ldy + p * NB, ldy, panel_cols(N, p),
+                p + 1 < panels ? wps[e] + (p + 1) * K * NB : 0);
   }
 }
 
@@ -114,13 +121,17 @@ static inline __m512 bf16_to_f32(const uint16_t *p) {  // 16 bf16 -> 16 fp32: th
 
 static inline __attribute__((always_inline)) void tile_bf16(
     const uint16_t *x, int64_t ldx, const int mt, int64_t K, const uint16_t *panel,
-    const uint16_t *bias, uint16_t *y, int64_t ldy, int ncols) {
+    const uint16_t *bias, uint16_t *y, int64_t ldy, int ncols, const uint16_t *warm) {
   __m512 acc[MT][2];
   for (int m = 0; m < mt; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 2) {  // one pair of k per step: 2 x 16 columns x 2 bf16
     const uint16_t *w = panel + k * NB;
     __builtin_prefetch(w + AHEAD * NB);
     __builtin_prefetch(w + AHEAD * NB + 2 * VW);
+    if (warm) {
+      __builtin_prefetch(warm + k * NB, 0, 2);
+      __builtin_prefetch(warm + k * NB + 2 * VW, 0, 2);
+    }
     __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 2 * VW);
     for (int m = 0; m < mt; m++) {
       int32_t pair;
@@ -147,12 +158,13 @@ static inline __attribute__((always_inline)) void tile_bf16(
 }
 
 static void panel_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *panel,
-                       const uint16_t *b, uint16_t *y, int64_t ldy, int ncols) {
+                       const uint16_t *b, uint16_t *y, int64_t ldy, int ncols, const uint16_t *next) {
   for (int64_t m0 = 0; m0 < M; m0 += MT) {
     const uint16_t *xm = x + m0 * ldx;
     uint16_t *ym = y + m0 * ldy;
+    const uint16_t *warm = m0 == MT ? next : 0;
     switch (M - m0 >= MT ? MT : (int)(M - m0)) {
-#define CASE(n) case n: tile_bf16(xm, ldx, n, K, panel, b, ym, ldy, ncols); break;
+#define CASE(n) case n: tile_bf16(xm, ldx, n, K, panel, b, ym, ldy, ncols, warm); break;
       CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
     }
@@ -165,7 +177,8 @@ void nm_linear_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const 
   int64_t panels = (N + NB - 1) / NB;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
   for (int64_t p = 0; p < panels; p++)
-    panel_bf16(x, ldx, M, K, wp + p * K * NB, bias ? bias + p * NB : 0, y + p * NB, ldy, panel_cols(N, p));
+    panel_bf16(x, ldx, M, K, wp + p * K * NB, bias ? bias + p * NB : 0, y + p * NB, ldy, panel_cols(N, p),
+               p + 1 < panels ? wp + (p + 1) * K * NB : 0);
 }
 
 // As nm_grouped_f32, in bf16.
@@ -178,7 +191,8 @@ void nm_grouped_bf16(const uint16_t *x, int64_t ldx, int64_t K, int64_t E, const
     if (rows <= 0) continue;
 #pragma omp for schedule(static) nowait
     for (int64_t p = 0; p < panels; p++)
-      panel_bf16(x + lo * ldx, ldx, rows, K, wps[e] + p * K * NB, 0, y + lo * ldy + p * NB, ldy, panel_cols(N, p));
+      panel_bf16(x + lo * ldx, ldx, rows, K, wps[e] + p * K * NB, 0, y + lo * ldy + p * NB, ldy, panel_cols(N, p),
+                 p + 1 < panels ? wps[e] + (p + 1) * K * NB : 0);
   }
 }
 #else
@@ -202,13 +216,17 @@ __attribute__((noinline, optimize("fp-contract=off"))) static void epilogue_s8(
 // Rows of s8 activations (shifted to u8, see below) against one panel of s8 weight quads; s32 sums.
 static inline __attribute__((always_inline)) void tile_s8(
     const uint8_t *xq, int64_t K, const int mt, const int8_t *panel, const int32_t *colsum,
-    const float *xscale, const float *wscale, const float *bias, float *y, int64_t ldy, int ncols) {
+    const float *xscale, const float *wscale, const float *bias, float *y, int64_t ldy, int ncols, const int8_t *warm) {
   __m512i acc[MT][2];
   for (int m = 0; m < mt; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += 4) {  // one quad of k per step: 2 x 16 columns x 4 s8
     const int8_t *w = panel + k * NB;
     __builtin_prefetch(w + 4096);
     __builtin_prefetch(w + 4096 + 64);
+    if (warm) {
+      __builtin_prefetch(warm + k * NB, 0, 2);
+      __builtin_prefetch(warm + k * NB + 64, 0, 2);
+    }
     __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 4 * VW);
     for (int m = 0; m < mt; m++) {
       int32_t quad;
@@ -243,13 +261,15 @@ static void quantize_row(const float *row, int64_t K, uint8_t *q, float *scale_o
 }
 
 static void panel_s8(const uint8_t *xq, int64_t K, int64_t M, const int8_t *panel, const int32_t *colsum,
-                     const float *xscale, const float *wscale, const float *b, float *y, int64_t ldy, int ncols) {
+                     const float *xscale, const float *wscale, const float *b, float *y, int64_t ldy, int ncols,
+                     const int8_t *next) {
   for (int64_t m0 = 0; m0 < M; m0 += MT) {
     const uint8_t *xm = xq + m0 * K;
     float *ym = y + m0 * ldy;
+    const int8_t *warm = m0 == MT ? next : 0;
     const float *xs = xscale + m0;
     switch (M - m0 >= MT ? MT : (int)(M - m0)) {
-#define CASE(n) case n: tile_s8(xm, K, n, panel, colsum, xs, wscale, b, ym, ldy, ncols); break;
+#define CASE(n) case n: tile_s8(xm, K, n, panel, colsum, xs, wscale, b, ym, ldy, ncols, warm); break;
       CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
     }
@@ -269,7 +289,7 @@ int nm_linear_s8(const float *x, int64_t ldx, int64_t M, int64_t K, const int8_t
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
   for (int64_t p = 0; p < panels; p++)
     panel_s8(xq, K, M, wp + p * K * NB, colsum + p * NB, xscale, wscale + p * NB, bias ? bias + p * NB : 0,
-             y + p * NB, ldy, panel_cols(N, p));
+             y + p * NB, ldy, panel_cols(N, p), p + 1 < panels ? wp + (p + 1) * K * NB : 0);
   free(xq);
   free(xscale);
   return 0;
@@ -296,7 +316,7 @@ int nm_grouped_s8(const float *x, int64_t ldx, int64_t K, int64_t E, const int64
 #pragma omp for schedule(static) nowait
       for (int64_t p = 0; p < panels; p++)
         panel_s8(xq + lo * K, K, rows, wps[e] + p * K * NB, colsums[e] + p * NB, xscale + lo, wscales[e] + p * NB, 0,
-                 y + (first + lo) * ldy + p * NB, ldy, panel_cols(N, p));
+                 y + (first + lo) * ldy + p * NB, ldy, panel_cols(N, p), p + 1 < panels ? wps[e] + (p + 1) * K * NB : 0);
     }
   }
   free(xq);
