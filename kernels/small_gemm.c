@@ -5,7 +5,8 @@
 // products"); at a few rows the product is bound by reading W once. This kernel walks W exactly
 // once, in the order it lies in memory, prefetching ahead, and keeps the rows' sums in registers.
 // kernels/small_gemm.py packs the weights, builds this file for the CPU it runs on
-// (-march=native) and holds it to F.linear in the tests.
+// (-march=native) and holds it to F.linear in the tests. nm_grouped_* run a whole MoE layer's
+// experts (rows grouped by expert) in one call, with the same sums as one call per expert.
 //
 // Layout (made once by pack() in small_gemm.py): W in panels of NB output columns; panel p holds
 // W[p*NB:(p+1)*NB, :] transposed, [K][NB] fp32, [K/2][NB][2] bf16 pairs (the operand order of
@@ -64,7 +65,8 @@ static inline __attribute__((always_inline)) void tile_f32(
   }
 }
 
-// All M rows against one panel, MT rows at a time (a panel re-read for the next tile comes from L2).
+// All M rows against one panel, MT rows at a time. A panel re-read for the next tile comes from
+// cache, so memory would idle: during the second tile the next panel (`next`) is prefetched into L2.
 static void panel_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *panel, const float *b,
                       float *y, int64_t ldy, int ncols, const float *next) {
   for (int64_t m0 = 0; m0 < M; m0 += MT) {
