@@ -86,22 +86,13 @@ static void panel_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const f
 
 static inline int panel_cols(int64_t N, int64_t p) { return (int)(N - p * NB < NB ? N - p * NB : NB); }
 
-// x [M, K] (row stride ldx), packed W, bias [N] or NULL, y [M, N] (row stride ldy).
-void nm_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *wp, int64_t N,
-                   const float *bias, float *y, int64_t ldy, int nthreads) {
-  int64_t panels = (N + NB - 1) / NB;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-  for (int64_t p = 0; p < panels; p++)
-    panel_f32(x, ldx, M, K, wp + p * K * NB, bias ? bias + p * NB : 0, y + p * NB, ldy, panel_cols(N, p),
-              p + 1 < panels ? wp + (p + 1) * K * NB : 0);
-}
-
-// One MoE layer's experts in one call: rows bounds[e]..bounds[e+1] of x (grouped by expert) against
-// expert e's packed W (wps[e]); y the same rows. Each thread takes its share of every expert's panels
-// and goes on to the next expert without waiting (nowait): one parallel region, no barrier between
-// experts, and no Python between two experts' products. The sums are those of nm_linear_f32.
+// One MoE layer's experts in one call: rows bounds[e]..bounds[e+1] of x [M, K] (row stride ldx,
+// grouped by expert) against expert e's packed W (wps[e]), + bias [N] or NULL; y [M, N] (row stride
+// ldy) the same rows. Each thread takes its share of every expert's panels and goes on to the next
+// expert without waiting (nowait): one parallel region, no barrier between experts, and no Python
+// between two experts' products. One expert (E = 1, bounds {0, M}) is a plain product: nm_linear_f32.
 void nm_grouped_f32(const float *x, int64_t ldx, int64_t K, int64_t E, const int64_t *bounds,
-                    const float *const *wps, int64_t N, float *y, int64_t ldy, int nthreads) {
+                    const float *const *wps, int64_t N, const float *bias, float *y, int64_t ldy, int nthreads) {
   int64_t panels = (N + NB - 1) / NB;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   for (int64_t e = 0; e < E; e++) {
@@ -109,9 +100,16 @@ void nm_grouped_f32(const float *x, int64_t ldx, int64_t K, int64_t E, const int
     if (rows <= 0) continue;  // every thread skips the same experts: the worksharing loops stay in step
 #pragma omp for schedule(static) nowait
     for (int64_t p = 0; p < panels; p++)
-      panel_f32(x + lo * ldx, ldx, rows, K, wps[e] + p * K * NB, 0, y + lo * ldy + p * NB, ldy, panel_cols(N, p),
-                p + 1 < panels ? wps[e] + (p + 1) * K * NB : 0);
+      panel_f32(x + lo * ldx, ldx, rows, K, wps[e] + p * K * NB, bias ? bias + p * NB : 0, y + lo * ldy + p * NB, ldy,
+                panel_cols(N, p), p + 1 < panels ? wps[e] + (p + 1) * K * NB : 0);
   }
+}
+
+// y [M, N] = x [M, K] @ W.T (+ bias [N] or NULL), W packed (wp).
+void nm_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *wp, int64_t N,
+                   const float *bias, float *y, int64_t ldy, int nthreads) {
+  int64_t bounds[2] = {0, M};
+  nm_grouped_f32(x, ldx, K, 1, bounds, &wp, N, bias, y, ldy, nthreads);
 }
 
 #if defined(__AVX512BF16__)
@@ -173,19 +171,9 @@ static void panel_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, con
   }
 }
 
-// As nm_linear_f32, in bf16 (bit patterns as uint16) with fp32 sums; K must be even.
-void nm_linear_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
-                    const uint16_t *bias, uint16_t *y, int64_t ldy, int nthreads) {
-  int64_t panels = (N + NB - 1) / NB;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-  for (int64_t p = 0; p < panels; p++)
-    panel_bf16(x, ldx, M, K, wp + p * K * NB, bias ? bias + p * NB : 0, y + p * NB, ldy, panel_cols(N, p),
-               p + 1 < panels ? wp + (p + 1) * K * NB : 0);
-}
-
-// As nm_grouped_f32, in bf16.
+// As nm_grouped_f32, in bf16 (bit patterns as uint16) with fp32 sums; K must be even.
 void nm_grouped_bf16(const uint16_t *x, int64_t ldx, int64_t K, int64_t E, const int64_t *bounds,
-                     const uint16_t *const *wps, int64_t N, uint16_t *y, int64_t ldy, int nthreads) {
+                     const uint16_t *const *wps, int64_t N, const uint16_t *bias, uint16_t *y, int64_t ldy, int nthreads) {
   int64_t panels = (N + NB - 1) / NB;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   for (int64_t e = 0; e < E; e++) {
@@ -193,9 +181,15 @@ void nm_grouped_bf16(const uint16_t *x, int64_t ldx, int64_t K, int64_t E, const
     if (rows <= 0) continue;
 #pragma omp for schedule(static) nowait
     for (int64_t p = 0; p < panels; p++)
-      panel_bf16(x + lo * ldx, ldx, rows, K, wps[e] + p * K * NB, 0, y + lo * ldy + p * NB, ldy, panel_cols(N, p),
-                 p + 1 < panels ? wps[e] + (p + 1) * K * NB : 0);
+      panel_bf16(x + lo * ldx, ldx, rows, K, wps[e] + p * K * NB, bias ? bias + p * NB : 0, y + lo * ldy + p * NB, ldy,
+                 panel_cols(N, p), p + 1 < panels ? wps[e] + (p + 1) * K * NB : 0);
   }
+}
+
+void nm_linear_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
+                    const uint16_t *bias, uint16_t *y, int64_t ldy, int nthreads) {
+  int64_t bounds[2] = {0, M};
+  nm_grouped_bf16(x, ldx, K, 1, bounds, &wp, N, bias, y, ldy, nthreads);
 }
 #else
 int nm_has_bf16(void) { return 0; }  // bf16 stays with oneDNN (and fp32 is what `auto` picks on such a CPU)
@@ -278,30 +272,14 @@ static void panel_s8(const uint8_t *xq, int64_t K, int64_t M, const int8_t *pane
   }
 }
 
-// y [M, N] fp32 = (x quantized per row: symmetric s8, scale max|x|/127) @ (s8 W, scale per column).T
-// (+ bias): the integer sums of torch._int_mm on the same s8 numbers. K must be a multiple of 4.
-// Returns 0, or -1 where the activations' buffer could not be had.
-int nm_linear_s8(const float *x, int64_t ldx, int64_t M, int64_t K, const int8_t *wp, const int32_t *colsum,
-                  const float *wscale, int64_t N, const float *bias, float *y, int64_t ldy, int nthreads) {
-  uint8_t *xq = malloc((size_t)(M * K));
-  float *xscale = malloc((size_t)M * sizeof(float));
-  if (!xq || !xscale) { free(xq); free(xscale); return -1; }
-  for (int64_t m = 0; m < M; m++) quantize_row(x + m * ldx, K, xq + m * K, xscale + m);
-  int64_t panels = (N + NB - 1) / NB;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-  for (int64_t p = 0; p < panels; p++)
-    panel_s8(xq, K, M, wp + p * K * NB, colsum + p * NB, xscale, wscale + p * NB, bias ? bias + p * NB : 0,
-             y + p * NB, ldy, panel_cols(N, p), p + 1 < panels ? wp + (p + 1) * K * NB : 0);
-  free(xq);
-  free(xscale);
-  return 0;
-}
-
-// As nm_grouped_f32, in int8: every row quantized once (rows split between the threads), then each
-// expert's rows against its s8 panels (wps[e], colsums[e], wscales[e]). Returns 0, or -1 as nm_linear_s8.
+// As nm_grouped_f32, in int8: y [M, N] fp32 = (x quantized per row: symmetric s8, scale max|x|/127)
+// @ (s8 W, scale per column).T (+ bias): the integer sums of torch._int_mm on the same s8 numbers.
+// Every row is quantized once (rows split between the threads), then each expert's rows go against
+// its s8 panels (wps[e], colsums[e], wscales[e]). K must be a multiple of 4. Returns 0, or -1 where
+// the activations' buffer could not be had.
 int nm_grouped_s8(const float *x, int64_t ldx, int64_t K, int64_t E, const int64_t *bounds,
                   const int8_t *const *wps, const int32_t *const *colsums, const float *const *wscales,
-                  int64_t N, float *y, int64_t ldy, int nthreads) {
+                  int64_t N, const float *bias, float *y, int64_t ldy, int nthreads) {
   int64_t M = bounds[E] - bounds[0];
   uint8_t *xq = malloc((size_t)(M * K));
   float *xscale = malloc((size_t)M * sizeof(float));
@@ -317,13 +295,20 @@ int nm_grouped_s8(const float *x, int64_t ldx, int64_t K, int64_t E, const int64
       if (rows <= 0) continue;
 #pragma omp for schedule(static) nowait
       for (int64_t p = 0; p < panels; p++)
-        panel_s8(xq + lo * K, K, rows, wps[e] + p * K * NB, colsums[e] + p * NB, xscale + lo, wscales[e] + p * NB, 0,
-                 y + (first + lo) * ldy + p * NB, ldy, panel_cols(N, p), p + 1 < panels ? wps[e] + (p + 1) * K * NB : 0);
+        panel_s8(xq + lo * K, K, rows, wps[e] + p * K * NB, colsums[e] + p * NB, xscale + lo, wscales[e] + p * NB,
+                 bias ? bias + p * NB : 0, y + (first + lo) * ldy + p * NB, ldy, panel_cols(N, p),
+                 p + 1 < panels ? wps[e] + (p + 1) * K * NB : 0);
     }
   }
   free(xq);
   free(xscale);
   return 0;
+}
+
+int nm_linear_s8(const float *x, int64_t ldx, int64_t M, int64_t K, const int8_t *wp, const int32_t *colsum,
+                 const float *wscale, int64_t N, const float *bias, float *y, int64_t ldy, int nthreads) {
+  int64_t bounds[2] = {0, M};
+  return nm_grouped_s8(x, ldx, K, 1, bounds, &wp, &colsum, &wscale, N, bias, y, ldy, nthreads);
 }
 #else
 int nm_has_int8(void) { return 0; }  // int8 keeps torch's kernels (FBGEMM, oneDNN)

@@ -94,13 +94,13 @@ class SmallGemm:
             self._s8.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
             self._s8.restype = ctypes.c_int
             self._grouped_s8 = lib.nm_grouped_s8
-            self._grouped_s8.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, ctypes.c_int]
+            self._grouped_s8.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
             self._grouped_s8.restype = ctypes.c_int
         self._grouped = {torch.float32: lib.nm_grouped_f32}
         if self.bf16:
             self._grouped[torch.bfloat16] = lib.nm_grouped_bf16
         for fn in self._grouped.values():
-            fn.argtypes, fn.restype = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64, ctypes.c_int], None
+            fn.argtypes, fn.restype = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int], None
 
     def dtypes(self):
         """What it computes: fp32, bf16 (AVX512_BF16) and int8 (per-token activations, AVX512_VNNI)."""
@@ -166,7 +166,7 @@ class SmallGemm:
         if xs.shape[0]:
             ptrs = (_PTR * len(packs))(*(p.panels.data_ptr() for p in packs))
             self._grouped[xs.dtype](xs.data_ptr(), xs.stride(0), packs[0].k, len(packs), c_bounds, ptrs, packs[0].n,
-                                    y.data_ptr(), packs[0].n, torch.get_num_threads())
+                                    None, y.data_ptr(), packs[0].n, torch.get_num_threads())
         return y
 
     def linear_int8_grouped(self, xs: torch.Tensor, bounds, packs) -> torch.Tensor:
@@ -175,7 +175,7 @@ class SmallGemm:
         if xs.shape[0]:
             arrays = [(_PTR * len(packs))(*(getattr(p, f).data_ptr() for p in packs)) for f in ("panels", "colsum", "scale")]
             status = self._grouped_s8(xs.data_ptr(), xs.stride(0), packs[0].k, len(packs), c_bounds, *arrays, packs[0].n,
-                                      y.data_ptr(), packs[0].n, torch.get_num_threads())
+                                      None, y.data_ptr(), packs[0].n, torch.get_num_threads())
             if status != 0:
                 raise MemoryError(f"the int8 kernel could not allocate {xs.shape[0] * packs[0].k} bytes for its activations")
         return y
