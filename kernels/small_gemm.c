@@ -16,6 +16,9 @@
 #include <string.h>
 #include <math.h>
 #include <stdlib.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #if defined(__AVX512BF16__) || defined(__AVX512VNNI__)
 #include <immintrin.h>
 #endif
@@ -35,6 +38,23 @@ typedef float vf __attribute__((vector_size(VW * 4)));
 static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 
 int nm_panel_width(void) { return NB; }
+
+// Memory for packed weights, in 2 MiB pages where the OS gives them (Linux THP in "madvise" or
+// "always" mode). A short query streams every expert matrix once per layer; with 4 KiB pages that
+// is a TLB miss, and a stop of the hardware prefetcher, every 4 KiB (RESULTS.md: 1.05-1.10x on the
+// expert products in bf16). Returns NULL on failure (the caller falls back to ordinary memory).
+void *nm_alloc_huge(int64_t bytes, int *huge) {
+  const size_t align = (size_t)1 << 21;
+  void *p = 0;
+  *huge = 0;
+  if (bytes <= 0 || posix_memalign(&p, align, (size_t)bytes)) return 0;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  *huge = madvise(p, (size_t)bytes, MADV_HUGEPAGE) == 0;  // before the first touch: faults then take 2 MiB pages
+#endif
+  return p;
+}
+
+void nm_free(void *p) { free(p); }
 
 // mt rows (a constant once inlined into the switch below) against one panel.
 static inline __attribute__((always_inline)) void tile_f32(

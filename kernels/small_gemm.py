@@ -16,6 +16,10 @@ The C file is compiled once per CPU and compiler, with -march=native, into a cac
 weights: same results, slower short queries. It runs in torch's own OpenMP thread pool
 (torch.get_num_threads()), since it links the libgomp that torch has already loaded.
 
+Packed weights are cut from an Arena of 2 MiB-aligned blocks advised into transparent huge pages
+(NOMIC_MOE_HUGE_PAGES=0: ordinary memory): a short query streams each expert matrix once, and with
+4 KiB pages that is a TLB miss every 4 KiB.
+
 The model takes it through ``model.set_cpu_kernel(kernel)`` (modeling_nomic_moe.py); ``install``
 does that when the kernel is available.
 """
@@ -27,6 +31,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -72,6 +78,63 @@ _I64 = ctypes.c_int64
 _ARGS = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
 
 
+class Arena:
+    """Where the packed weights live: blocks of 2 MiB-aligned memory advised into 2 MiB pages
+    (nm_alloc_huge), cut into consecutive pieces. Pieces share blocks so that a 4.7 MB matrix does
+    not round up to 6 MB of huge pages; an untouched tail costs no memory. A block is freed when the
+    arena has moved on and every tensor cut from it is gone (each piece's buffer holds its block)."""
+
+    BLOCK = 64 << 20
+    ALIGN = 4096  # each piece starts on a page of its own
+
+    def __init__(self, lib):
+        self._alloc, self._free = lib.nm_alloc_huge, lib.nm_free
+        self._alloc.argtypes, self._alloc.restype = [_I64, ctypes.POINTER(ctypes.c_int)], _PTR
+        self._free.argtypes, self._free.restype = [_PTR], None
+        self._lock = threading.Lock()
+        self._block = None  # (block, next free offset)
+        self.huge = None  # whether the OS took the advice (None: nothing allocated yet)
+        self.enabled = os.environ.get("NOMIC_MOE_HUGE_PAGES", "1") != "0"  # 0: ordinary torch memory
+
+    def _new_block(self, size):
+        huge = ctypes.c_int(0)
+        ptr = self._alloc(size, ctypes.byref(huge))
+        if not ptr:
+            return None
+        self.huge = bool(huge.value)
+        block = _Block(ptr, size, self._free)
+        return block
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous tensor in the arena (ordinary memory if none can be had)."""
+        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+        if nbytes == 0 or not self.enabled:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            if self._block is None or self._block[1] + nbytes > self._block[0].size:
+                block = self._new_block(max(self.BLOCK, -(-nbytes // self.ALIGN) * self.ALIGN))
+                if block is None:
+                    return torch.empty(shape, dtype=dtype)
+                self._block = (block, 0)
+            block, offset = self._block
+            self._block = (block, offset + -(-nbytes // self.ALIGN) * self.ALIGN)
+        piece = (ctypes.c_char * nbytes).from_address(block.ptr + offset)
+        weakref.finalize(piece, _keep, block)  # the block outlives every tensor on its memory
+        return torch.frombuffer(piece, dtype=dtype, count=nbytes // dtype.itemsize).view(shape)
+
+
+def _keep(block):
+    pass
+
+
+class _Block:
+    def __init__(self, ptr, size, free):
+        self.ptr, self.size, self._free = ptr, size, free
+
+    def __del__(self):
+        self._free(self.ptr)
+
+
 class SmallGemm:
     """The loaded kernel: the CPU-kernel interface of modeling_nomic_moe (name, accepts, pack, linear)."""
 
@@ -81,6 +144,7 @@ class SmallGemm:
         self.path = Path(path)
         lib = ctypes.CDLL(str(self.path))
         self.width = lib.nm_panel_width()
+        self.arena = Arena(lib)  # the packed weights' memory
         self.bf16 = bool(lib.nm_has_bf16())
         self._f32 = lib.nm_linear_f32
         self._f32.argtypes, self._f32.restype = _ARGS, None
@@ -123,7 +187,7 @@ class SmallGemm:
             panels = padded.view(-1, nb, k).transpose(1, 2)  # [P, k, NB]
         else:
             panels = padded.view(-1, nb, k // 2, 2).transpose(1, 2)  # [P, k/2, NB, 2]
-        return Packed(panels.contiguous(), n, k)
+        return Packed(self.arena.empty(panels.shape, panels.dtype).copy_(panels), n, k)
 
     @staticmethod
     def _rows(x: torch.Tensor, packed, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +253,8 @@ class SmallGemm:
         nb = self.width
         padded = wq.new_zeros(-(-n // nb) * nb, k)
         padded[:n] = wq
-        panels = padded.view(-1, nb, k // 4, 4).transpose(1, 2).contiguous()  # [P, k/4, NB, 4]
+        quads = padded.view(-1, nb, k // 4, 4).transpose(1, 2)  # [P, k/4, NB, 4]
+        panels = self.arena.empty(quads.shape, quads.dtype).copy_(quads)
         scales = torch.zeros(padded.shape[0])
         scales[:n] = scale.float()
         return PackedInt8(panels, padded.sum(1, dtype=torch.int32), scales, n, k)

@@ -126,6 +126,53 @@ def test_bf16_product_matches_F_linear_to_one_rounding(kernel, rows, k, n):
     assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-4).all()
 
 
+def test_packed_weights_are_cut_from_the_arena_and_compute_the_same(kernel):
+    """Packed weights live in the kernel's arena (2 MiB-aligned blocks advised into huge pages): each
+    piece page-aligned, none overlapping, and the products bit for bit those of ordinary memory."""
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randn(n, 96, generator=g) / 10 for n in (64, 100, 33)]
+    x = torch.randn(9, 96, generator=g)
+    packs = [kernel.pack(w) for w in ws]
+    spans = sorted((p.panels.data_ptr(), p.panels.data_ptr() + p.panels.numel() * 4) for p in packs)
+    assert all(lo % small_gemm.Arena.ALIGN == 0 for lo, _ in spans)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(spans[:-1], spans[1:])), "two packed weights share memory"
+    assert kernel.arena.huge is not None  # the arena, not torch.empty, gave the memory
+    kernel.arena.enabled = False
+    try:
+        plain = [kernel.pack(w) for w in ws]
+    finally:
+        kernel.arena.enabled = True
+    for p, q, w in zip(packs, plain, ws):
+        assert torch.equal(p.panels, q.panels)
+        assert torch.equal(kernel.linear(x, p), kernel.linear(x, q))
+
+
+def test_an_arena_block_lives_while_a_tensor_on_it_does(kernel):
+    import gc
+    import weakref
+
+    arena = small_gemm.Arena(ctypes_lib(kernel))
+    arena.BLOCK = 1 << 21
+    t = arena.empty((1000, 100), torch.float32)  # 400 KB: the first block
+    block = weakref.ref(arena._block[0])
+    t.fill_(3.0)
+    view = t[10:20]
+    del t
+    arena.empty((600, 1000), torch.float32)  # does not fit what is left: a second block
+    gc.collect()
+    assert block() is not None and view.sum().item() == 3.0 * 10 * 100  # still held by the view
+    del view
+    gc.collect()
+    assert block() is None, "the first block was not freed once nothing used it"
+    assert arena.empty((0, 5), torch.float32).shape == (0, 5)
+
+
+def ctypes_lib(kernel):
+    import ctypes
+
+    return ctypes.CDLL(str(kernel.path))
+
+
 def test_what_the_kernel_accepts_and_refuses(kernel):
     assert kernel.accepts(8, torch.float32) and kernel.accepts(small_gemm.MAX_ROWS[torch.float32], torch.float32)
     assert not kernel.accepts(small_gemm.MAX_ROWS[torch.float32] + 1, torch.float32)
