@@ -39,7 +39,7 @@ from typing import Optional, Tuple
 
 import torch
 
-SOURCE = Path(__file__).with_name("small_gemm.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("small_gemm.c", "short_attention.c")]  # one library
 
 # Rows per call up to which the kernel is used. Measured on the AVX-512 VMs (one MoE layer's
 # experts, cold weights; RESULTS.md "CPU: a few-row kernel of our own"): fp32 1.35x oneDNN's packed
@@ -160,6 +160,11 @@ class SmallGemm:
             self._grouped_s8 = lib.nm_grouped_s8
             self._grouped_s8.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
             self._grouped_s8.restype = ctypes.c_int
+        self.attention_ok = bool(lib.nm_has_attention())  # AVX-512: RoPE + softmax attention in one call
+        self._attention = lib.nm_attention
+        self._attention.argtypes = [_PTR, _I64, ctypes.c_int, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_float, _PTR,
+                                    ctypes.c_int]
+        self._attention.restype = ctypes.c_int
         self._grouped = {torch.float32: lib.nm_grouped_f32}
         if self.bf16:
             self._grouped[torch.bfloat16] = lib.nm_grouped_bf16
@@ -244,6 +249,33 @@ class SmallGemm:
                 raise MemoryError(f"the int8 kernel could not allocate {xs.shape[0] * packs[0].k} bytes for its activations")
         return y
 
+    def accepts_attention(self, dtype: torch.dtype, head_dim: int) -> bool:
+        return self.attention_ok and dtype in (torch.float32, torch.bfloat16)[:1 + self.bf16] \
+            and head_dim % 16 == 0 and 16 <= head_dim <= 128
+
+    def attention(self, qkv: torch.Tensor, bounds, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """qkv [N, 3, h, D] (fp32, or bf16 where the kernel has it), texts at token offsets ``bounds``
+        [B+1]; cos, sin [N, D] fp32 -> ctx [N, h, D] in qkv's dtype: per text and head,
+        softmax(rope(q) rope(k)^T / sqrt(D)) v, as apply_rope + attend_per_text (modeling_nomic_moe.py)."""
+        N, three, h, D = qkv.shape
+        if three != 3 or not self.accepts_attention(qkv.dtype, D):
+            raise ValueError(f"the attention kernel takes [N, 3, h, D] fp32{' or bf16' if self.bf16 else ''} with D a "
+                             f"multiple of 16 up to 128 (AVX-512: {'yes' if self.attention_ok else 'no'}), not "
+                             f"{tuple(qkv.shape)} {qkv.dtype}")
+        if qkv.stride()[1:] != (h * D, D, 1):
+            qkv = qkv.contiguous()
+        if len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != N or any(hi < lo for lo, hi in zip(bounds[:-1], bounds[1:])):
+            raise ValueError(f"bounds {list(bounds)} do not split {N} tokens into texts")
+        cos, sin = (t.reshape(N, D).float().contiguous() for t in (cos, sin))
+        ctx = qkv.new_empty(N, h, D)
+        if N:
+            status = self._attention(qkv.data_ptr(), qkv.stride(0), qkv.dtype == torch.bfloat16, h, D, len(bounds) - 1,
+                                     (_I64 * len(bounds))(*bounds), cos.data_ptr(), sin.data_ptr(), D**-0.5,
+                                     ctx.data_ptr(), torch.get_num_threads())
+            if status != 0:
+                raise MemoryError("the attention kernel could not allocate its scratch")
+        return ctx
+
     def pack_int8(self, wq: torch.Tensor, scale: torch.Tensor) -> PackedInt8:
         """s8 weight [n, k] (one scale per output channel, [n]) -> quads of k per column, n padded."""
         n, k = wq.shape
@@ -314,7 +346,7 @@ def _key(cc: str, flags) -> str:
     from nomic_moe_modeling.cpu_nomic_moe import cpu_flags
 
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(flags).encode(), " ".join(sorted(cpu_flags())).encode()):
+    for part in (*(f.read_bytes() for f in SOURCES), version.encode(), " ".join(flags).encode(), " ".join(sorted(cpu_flags())).encode()):
         h.update(part)
     return h.hexdigest()[:16]
 
@@ -337,7 +369,7 @@ def build(march: str = "native") -> Path:
         except OSError as e:
             raise KernelUnavailable(f"cannot write the kernel cache {out.parent}: {e}") from e
         try:
-            r = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"],
+            r = subprocess.run([cc, *flags, "-shared", "-fPIC", *map(str, SOURCES), "-o", tmp, "-lm"],
                                capture_output=True, text=True, timeout=300)
             if r.returncode == 0:
                 os.replace(tmp, out)  # atomic: concurrent builders each write their own temp file
@@ -348,7 +380,7 @@ def build(march: str = "native") -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise KernelUnavailable("compiling small_gemm.c failed: " + " | ".join(errors))
+    raise KernelUnavailable("compiling the kernels (small_gemm.c, short_attention.c) failed: " + " | ".join(errors))
 
 
 @functools.lru_cache(maxsize=None)

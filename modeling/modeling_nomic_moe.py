@@ -361,10 +361,19 @@ class NomicMoEAttention(nn.Module):
         self.out_proj = NomicMoELinear(config.hidden_size, config.hidden_size)
         self.config = config  # read at call time: transformers may switch the implementation after init
         self.last_used = None
+        self.cpu_kernel = None  # set_cpu_kernel: a kernel with attention() does RoPE + attention in one call
 
     def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
         N, H = x.shape
         qkv = self.Wqkv(x).view(N, 3, self.num_heads, self.head_dim)
+        kernel = self.cpu_kernel
+        if kernel is not None and not packing.graph and getattr(kernel, "accepts_attention", None) \
+                and kernel.accepts_attention(x.dtype, self.head_dim) and self.config._attn_implementation in (None, "sdpa") \
+                and can_run_packed(x):
+            # the same math as below (apply_rope, then attend_per_text) in one call: ~15 fewer operators a layer
+            cos, sin = packing.rope(self.head_dim, self.rope_theta, torch.float32)  # [N, 1, D]
+            self.last_used = "cpu kernel (RoPE + attention)"
+            return self.out_proj(kernel.attention(qkv, packing.text_bounds(), cos, sin).reshape(N, H))
         cos, sin = packing.rope(self.head_dim, self.rope_theta, x.dtype)  # [N, 1, D]
         q, k = apply_rope(qkv[:, :2], cos[:, None], sin[:, None]).unbind(1)  # q and k in one pass: 2 x [N, h, D]
         v = qkv[:, 2]
@@ -644,6 +653,8 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         for m in self.modules():
             if isinstance(m, (CpuKernels, Int8Linear)):
                 m.set_cpu_kernel(kernel)
+            elif isinstance(m, NomicMoEAttention):
+                m.cpu_kernel = kernel
 
     @torch.no_grad()
     def quantize_int8(self, groups=INT8_GROUPS, engine: Optional[str] = None, activations: str = "per_batch") -> dict:

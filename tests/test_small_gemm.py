@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nomic_moe_kernels import small_gemm
-from nomic_moe_modeling.modeling_nomic_moe import NomicMoEExperts, NomicMoELinear
+from nomic_moe_modeling.modeling_nomic_moe import NomicMoEAttention, NomicMoEExperts, NomicMoELinear
 from plain_reference import embed_one
 from test_model import ATOL, models, random_batch, real_rows  # noqa: F401 - models is a fixture
 
@@ -42,6 +42,15 @@ class Counting:
         self.calls += 1
         self.rows.append(x.shape[0])
         return self.inner.linear(x, packed, bias)
+
+    attentions = 0
+
+    def accepts_attention(self, dtype, head_dim):
+        return self.inner.accepts_attention(dtype, head_dim)
+
+    def attention(self, qkv, bounds, cos, sin):
+        self.attentions += 1
+        return self.inner.attention(qkv, bounds, cos, sin)
 
 
 
@@ -173,6 +182,69 @@ def ctypes_lib(kernel):
     return ctypes.CDLL(str(kernel.path))
 
 
+def rope_then_attention(qkv, lengths, dtype):
+    """The plain version of the attention kernel: apply_rope, then one SDPA per text, in ``dtype``."""
+    from nomic_moe_modeling.modeling_nomic_moe import Packing, apply_rope, attend_per_text
+
+    mask = torch.zeros(len(lengths), max(lengths))
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    packing = Packing.from_mask(mask)
+    cos, sin = packing.rope(qkv.shape[-1], 10000.0, dtype)
+    q, k = apply_rope(qkv[:, :2].to(dtype), cos[:, None], sin[:, None]).unbind(1)
+    return attend_per_text(q, k, qkv[:, 2].to(dtype), packing), packing
+
+
+@pytest.mark.parametrize("heads,D", [(3, 16), (12, 64), (2, 128)])
+def test_attention_kernel_is_rope_then_sdpa_per_text(kernel, heads, D):
+    if not kernel.attention_ok:
+        pytest.skip("the attention kernel needs AVX-512")
+    lengths = [1, 5, 17, 40, 2]  # one token, tails of every size against the 16- and 64-wide blocks
+    g = torch.Generator().manual_seed(heads * D)
+    qkv = torch.randn(sum(lengths), 3, heads, D, generator=g) * 2  # scores of std ~4: peaked softmax rows
+    ref, packing = rope_then_attention(qkv, lengths, torch.float32)
+    cos, sin = packing.rope(D, 10000.0, torch.float32)
+    got = kernel.attention(qkv, packing.text_bounds(), cos, sin)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert ((got - ref).abs() <= 1e-5 + 3e-6 * ref.abs()).all()  # fp32 sums in another order, nothing more
+    # rows with a stride (the view of a wider Wqkv output) and an empty text
+    wide = torch.cat([qkv.flatten(1), torch.randn(qkv.shape[0], 7, generator=g)], 1)[:, :-7].view_as(qkv)
+    bounds = packing.text_bounds()
+    assert torch.equal(kernel.attention(wide, bounds[:2] + bounds[1:], cos, sin), got)
+
+
+def test_attention_kernel_in_bf16_rounds_once(kernel):
+    """bf16 in, bf16 out, fp32 inside: within one rounding of the fp32 result (torch's own bf16
+    path, rounding after every elementwise op of RoPE, is further off)."""
+    if not (kernel.attention_ok and kernel.bf16):
+        pytest.skip("needs AVX-512 with AVX512_BF16")
+    lengths = [32, 3, 70]
+    g = torch.Generator().manual_seed(7)
+    qkv = (torch.randn(sum(lengths), 3, 12, 64, generator=g) * 2).bfloat16()
+    ref, packing = rope_then_attention(qkv.float(), lengths, torch.float32)
+    own, _ = rope_then_attention(qkv, lengths, torch.bfloat16)
+    cos, sin = packing.rope(64, 10000.0, torch.float32)
+    got = kernel.attention(qkv, packing.text_bounds(), cos, sin)
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - ref).abs()
+    assert (err <= ref.abs() * 2**-8 + 1e-6).all()
+    assert err.max() <= (own.float() - ref).abs().max()
+
+
+def test_attention_kernel_refuses_what_it_cannot_take(kernel):
+    if not kernel.attention_ok:
+        pytest.skip("the attention kernel needs AVX-512")
+    cos = sin = torch.zeros(4, 16)
+    assert not kernel.accepts_attention(torch.float32, 24) and not kernel.accepts_attention(torch.float32, 144)
+    assert not kernel.accepts_attention(torch.float16, 64)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernel.attention(torch.zeros(4, 3, 2, 24), [0, 4], cos, sin)
+    with pytest.raises(ValueError, match="do not split 4 tokens"):
+        kernel.attention(torch.zeros(4, 3, 2, 16), [0, 3], cos, sin)
+    with pytest.raises(ValueError, match="do not split 4 tokens"):
+        kernel.attention(torch.zeros(4, 3, 2, 16), [0, 3, 2, 4], cos, sin)
+
+
 def test_what_the_kernel_accepts_and_refuses(kernel):
     assert kernel.accepts(8, torch.float32) and kernel.accepts(small_gemm.MAX_ROWS[torch.float32], torch.float32)
     assert not kernel.accepts(small_gemm.MAX_ROWS[torch.float32] + 1, torch.float32)
@@ -200,6 +272,9 @@ def test_model_with_the_kernel_matches_the_plain_reference(kernel, models):
                 assert (out[b][mask[b].bool()] - embed_one(W, cfg, row)).abs().max().item() <= ATOL
         # it took every product here: attention, dense MLP and each MoE layer's experts, all at once
         assert spy.calls > 0 and spy.grouped > 0 and max(spy.rows) <= small_gemm.MAX_ROWS[torch.float32]
+        # and RoPE + attention, where this CPU has the attention kernel (AVX-512)
+        assert spy.attentions == (3 * len(model.encoder.layers) if kernel.attention_ok else 0)
+        assert model.encoder.layers[0].attn.last_used == ("cpu kernel (RoPE + attention)" if kernel.attention_ok else "sdpa_per_text")
         experts = next(l for l in model.encoder.layers if l.is_moe).mlp.experts
         assert experts._kernel_pack.value is not None and experts._pack.value is None  # no oneDNN copy was made
     finally:
@@ -330,6 +405,9 @@ def test_int8_model_takes_the_kernel_and_keeps_its_numbers(kernel, ckpts):
         assert all(m._kernel_pack.value is not None for m in int8s if id(m) not in in_experts)
         assert sum(m._kernel_pack.value is not None for m in int8s if id(m) in in_experts) > len(in_experts) // 2
         model.set_cpu_kernel(None)
+        for m in model.modules():  # the products are under test: both runs keep the kernel's attention
+            if isinstance(m, NomicMoEAttention):
+                m.cpu_kernel = kernel
         slow = model(input_ids=ids, attention_mask=mask, return_sentence_embedding=True).sentence_embedding
     assert torch.equal(fast, slow)
     plain = NomicMoEModel.from_pretrained(folder).eval()

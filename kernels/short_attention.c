@@ -1,0 +1,181 @@
+// Softmax attention of the texts of a packed batch, RoPE applied to q and k on the way in: the
+// step between the attention's two products, in one call instead of about fifteen torch operators.
+//
+// Why: at a short query's 32 tokens, torch spends ~120 us a layer on RoPE (six elementwise ops) and
+// a per-text SDPA call, against ~30 us of arithmetic (RESULTS.md, "Attention in one call"). The
+// plain version of the same math is apply_rope + attend_per_text in modeling_nomic_moe.py, and the
+// tests hold this one to it.
+//
+// qkv: [N, 3, h, D] rows (row stride ldq elements): q, k, v of each token, heads contiguous.
+// bounds: [B+1] token offsets of the texts; cos, sin: [N, D] fp32, each token's RoPE angles
+// (GPT-NeoX "rotate half": x * cos + cat(-x2, x1) * sin). ctx: [N, h, D] contiguous.
+// Each (text, head) is one task: q and k roped and scaled into fp32 buffers, k transposed so that
+// 16 keys' scores come from one vector sum, softmax with a vector exp, then the weighted sum of v.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+int nm_has_attention(void) { return 1; }
+
+// e^x for x <= 0 (scores less their row's maximum), 16 at a time: x = n ln2 + r with |r| <= ln2/2,
+// e^r by its Taylor series to r^7 (truncation below 1e-8 relative there), scaled by 2^n (vscalefps).
+// Clamped at -87, where e^x is 1.6e-38: against a row sum of at least 1 that is zero.
+static inline __m512 exp_le0(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts: r exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  static const float c[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  for (int i = 0; i < 7; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
+  return _mm512_scalef_ps(p, n);
+}
+
+#define MAXD 128  // head sizes up to this (multiples of 16): the output row stays in registers
+
+// One token's q or k (D values of dtype `bf16 ? uint16 : float`), roped and scaled, into fp32 `out`.
+static void rope_row(const void *src, int bf16, int64_t D, const float *cos, const float *sin, float scale,
+                     float *out) {
+  float x[MAXD];
+  if (bf16) {
+    const uint16_t *s = src;
+    for (int64_t d = 0; d < D; d++) { uint32_t u = (uint32_t)s[d] << 16; memcpy(&x[d], &u, 4); }
+  } else {
+    memcpy(x, src, (size_t)D * sizeof(float));
+  }
+  int64_t half = D / 2;
+  for (int64_t d = 0; d < half; d++) {
+    out[d] = (x[d] * cos[d] - x[d + half] * sin[d]) * scale;
+    out[d + half] = (x[d + half] * cos[d + half] + x[d] * sin[d + half]) * scale;
+  }
+}
+
+static inline __mmask16 real_keys(int64_t j, int64_t L) {  // which of keys j..j+15 exist
+  return j + 16 <= L ? (__mmask16)0xFFFF : j >= L ? 0 : (__mmask16)((1u << (L - j)) - 1);
+}
+
+// Scores of queries Q[0..QB) (rows of D) against keys j..j+63 (Kt zero beyond L): QB x 4 independent sums.
+#define QB 4
+static inline void scores_block(const float *Q, int64_t D, const float *Kt, int64_t Lp, int64_t j, float *S) {
+  __m512 a[QB][4];
+  for (int r = 0; r < QB; r++)
+    for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d++) {
+    const float *k = Kt + d * Lp + j;
+    __m512 kc[4];
+    for (int c = 0; c < 4; c++) kc[c] = _mm512_loadu_ps(k + 16 * c);
+    for (int r = 0; r < QB; r++) {
+      __m512 x = _mm512_set1_ps(Q[r * D + d]);
+      for (int c = 0; c < 4; c++) a[r][c] = _mm512_fmadd_ps(x, kc[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < QB; r++)
+    for (int c = 0; c < 4; c++) _mm512_storeu_ps(S + r * Lp + j + 16 * c, a[r][c]);
+}
+
+// Row S[0..L) of scores -> softmax weights in place (zeros up to Lp); returns 1 / their sum.
+static inline float softmax_row(float *S, int64_t L, int64_t Lp) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < Lp; j += 16)
+    mx = _mm512_mask_max_ps(mx, real_keys(j, L), mx, _mm512_loadu_ps(S + j));
+  __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < Lp; j += 16) {
+    __m512 p = _mm512_maskz_mov_ps(real_keys(j, L), exp_le0(_mm512_sub_ps(_mm512_loadu_ps(S + j), m)));
+    _mm512_storeu_ps(S + j, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+static inline void store_row(__m512 *o, int64_t nv, float inv, int bf16, char *out) {
+  for (int64_t c = 0; c < nv; c++) {
+    __m512 y = _mm512_mul_ps(o[c], _mm512_set1_ps(inv));
+    if (bf16) {  // round to nearest even, as torch rounds
+      __m512i u = _mm512_castps_si512(y);
+      u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                                           _mm512_set1_epi32(1))));
+      _mm256_storeu_si256((__m256i *)(out + 32 * c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+    } else {
+      _mm512_storeu_ps((float *)out + 16 * c, y);
+    }
+  }
+}
+
+// One text's tokens [lo, lo+L), one head. buf: the thread's scratch, 3*Lp*D + QB*Lp floats (Lp: L up to 64s).
+static void attend_head(const char *qkv, int64_t ldq_bytes, int bf16, int64_t h, int64_t hd, int64_t D,
+                        int64_t lo, int64_t L, const float *cos, const float *sin, float scale,
+                        char *ctx, int64_t ldc_bytes, float *buf) {
+  const int64_t Lp = (L + 63) & ~(int64_t)63, es = bf16 ? 2 : 4, hD = h * D, nv = D / 16;
+  float *Q = buf, *Kt = Q + Lp * D, *V = Kt + Lp * D, *S = V + Lp * D;  // Q [Lp][D], Kt [D][Lp], V [L][D], S [QB][Lp]
+  float row[MAXD];
+  for (int64_t t = 0; t < L; t++) {
+    const char *r = qkv + (lo + t) * ldq_bytes;
+    const float *c = cos + (lo + t) * D, *s = sin + (lo + t) * D;
+    rope_row(r + hd * D * es, bf16, D, c, s, scale, Q + t * D);
+    rope_row(r + (hD + hd * D) * es, bf16, D, c, s, 1.0f, row);
+    for (int64_t d = 0; d < D; d++) Kt[d * Lp + t] = row[d];
+    const char *v = r + (2 * hD + hd * D) * es;
+    if (bf16) {
+      for (int64_t d = 0; d < D; d++) { uint32_t u = (uint32_t)((const uint16_t *)v)[d] << 16; memcpy(&V[t * D + d], &u, 4); }
+    } else {
+      memcpy(V + t * D, v, (size_t)D * sizeof(float));
+    }
+  }
+  for (int64_t d = 0; d < D; d++) memset(Kt + d * Lp + L, 0, (size_t)(Lp - L) * sizeof(float));
+  int64_t Lq = (L + QB - 1) / QB * QB;
+  memset(Q + L * D, 0, (size_t)((Lq - L) * D) * sizeof(float));  // the last block's missing queries: computed, not stored
+  for (int64_t i = 0; i < L; i += QB) {  // QB queries at a time: QB times the independent sums per key loaded
+    for (int64_t j = 0; j < Lp; j += 64) scores_block(Q + i * D, D, Kt, Lp, j, S);
+    float inv[QB];
+    for (int r = 0; r < QB; r++) inv[r] = softmax_row(S + r * Lp, L, Lp);
+    __m512 o[QB][MAXD / 16];
+    for (int r = 0; r < QB; r++)
+      for (int64_t c = 0; c < nv; c++) o[r][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < L; j++) {
+      const float *vj = V + j * D;
+      for (int64_t c = 0; c < nv; c++) {
+        __m512 vc = _mm512_loadu_ps(vj + 16 * c);
+        for (int r = 0; r < QB; r++) o[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(S[r * Lp + j]), vc, o[r][c]);
+      }
+    }
+    for (int r = 0; r < QB && i + r < L; r++) store_row(o[r], nv, inv[r], bf16, ctx + (lo + i + r) * ldc_bytes + hd * D * es);
+  }
+}
+
+// Returns 0, -1 for a head size it does not take, -2 where its scratch could not be had.
+int nm_attention(const void *qkv, int64_t ldq, int bf16, int64_t h, int64_t D, int64_t B, const int64_t *bounds,
+                 const float *cos, const float *sin, float scale, void *ctx, int nthreads) {
+  if (D % 16 || D > MAXD || D < 16) return -1;
+  int64_t Lmax = 0;
+  for (int64_t b = 0; b < B; b++) Lmax = bounds[b + 1] - bounds[b] > Lmax ? bounds[b + 1] - bounds[b] : Lmax;
+  const int64_t Lp = (Lmax + 63) & ~(int64_t)63;
+  int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+    float *buf = malloc((size_t)(3 * Lp * D + QB * Lp) * sizeof(float));
+    if (!buf) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * h; task++) {
+      int64_t b = task / h, hd = task % h, lo = bounds[b], L = bounds[b + 1] - lo;
+      if (buf && L > 0)
+        attend_head(qkv, ldq * (bf16 ? 2 : 4), bf16, h, hd, D, lo, L, cos, sin, scale, ctx, h * D * (bf16 ? 2 : 4), buf);
+    }
+    free(buf);
+  }
+  return failed ? -2 : 0;
+}
+#else
+int nm_has_attention(void) { return 0; }  // AVX2 and others keep torch's RoPE and SDPA
+int nm_attention(const void *qkv, int64_t ldq, int bf16, int64_t h, int64_t D, int64_t B, const int64_t *bounds,
+                 const float *cos, const float *sin, float scale, void *ctx, int nthreads) {
+  return -1;
+}
+#endif
