@@ -132,6 +132,77 @@ void nm_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const floa
   nm_grouped_f32(x, ldx, K, 1, bounds, &wp, N, bias, y, ldy, nthreads);
 }
 
+// --- An MoE layer's dispatch and combine around the grouped products: dispatch_sorted and combine
+// (experts_nomic_moe.py) in two calls instead of about fifteen small torch operators, with the same
+// results bit for bit (the tests compare). Rows are moved as bytes (es bytes an element).
+
+// The (token, slot) pairs of experts [N*k] ordered by expert, stably (pair p is token p / k): order
+// [N*k], counts [E], bounds [E+1]; x's rows (row stride ldx elements) gathered in that order into xs
+// [N*k, H]. Returns 0, or -1 for an expert index outside 0..E-1.
+int nm_moe_dispatch(const int64_t *experts, int64_t N, int64_t k, int64_t E, const char *x, int64_t ldx, int64_t H,
+                    int64_t es, int64_t *order, int64_t *counts, int64_t *bounds, char *xs) {
+  for (int64_t e = 0; e < E; e++) counts[e] = 0;
+  for (int64_t p = 0; p < N * k; p++) {
+    if (experts[p] < 0 || experts[p] >= E) return -1;
+    counts[experts[p]]++;
+  }
+  bounds[0] = 0;
+  for (int64_t e = 0; e < E; e++) bounds[e + 1] = bounds[e] + counts[e];
+  int64_t *next = malloc((size_t)E * sizeof(int64_t));
+  if (!next) return -2;
+  memcpy(next, bounds, (size_t)E * sizeof(int64_t));
+  for (int64_t p = 0; p < N * k; p++) order[next[experts[p]]++] = p;
+  free(next);
+  for (int64_t r = 0; r < N * k; r++) memcpy(xs + r * H * es, x + (order[r] / k) * ldx * es, (size_t)(H * es));
+  return 0;
+}
+
+static inline float bf16_f32(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_bf16(float f) {  // round to nearest even, as torch rounds
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+// y [N, H] = for each token, sum over its k slots in slot order of (weight x its expert's row of ys),
+// + bias; ys [N*k, H] in expert order (order from nm_moe_dispatch), weights [N*k] in (token, slot)
+// order. torch's roundings: in bf16 each product is rounded, the slot sum is taken in fp32 and
+// rounded once, and + bias rounded again; fp32 is the same without the roundings.
+__attribute__((optimize("fp-contract=off"))) int nm_moe_combine(
+    const void *ys, const int64_t *order, const void *weights, int64_t N, int64_t k, int64_t H, int bf16,
+    const void *bias, void *y) {
+  int64_t *row = malloc((size_t)(N * k) * sizeof(int64_t));  // (token, slot) pair -> its row of ys
+  float *acc = malloc((size_t)H * sizeof(float));
+  if (!row || !acc) { free(row); free(acc); return -2; }
+  for (int64_t r = 0; r < N * k; r++) row[order[r]] = r;
+  for (int64_t t = 0; t < N; t++) {
+    for (int64_t h = 0; h < H; h++) acc[h] = 0.0f;
+    for (int64_t s = 0; s < k; s++) {
+      int64_t p = t * k + s, r = row[p];
+      if (bf16) {
+        const uint16_t *yr = (const uint16_t *)ys + r * H;
+        float w = bf16_f32(((const uint16_t *)weights)[p]);
+        for (int64_t h = 0; h < H; h++) acc[h] += bf16_f32(f32_bf16(bf16_f32(yr[h]) * w));
+      } else {
+        const float *yr = (const float *)ys + r * H;
+        float w = ((const float *)weights)[p];
+        for (int64_t h = 0; h < H; h++) acc[h] += yr[h] * w;
+      }
+    }
+    if (bf16) {
+      uint16_t *out = (uint16_t *)y + t * H;
+      for (int64_t h = 0; h < H; h++)
+        out[h] = bias ? f32_bf16(bf16_f32(f32_bf16(acc[h])) + bf16_f32(((const uint16_t *)bias)[h])) : f32_bf16(acc[h]);
+    } else {
+      float *out = (float *)y + t * H;
+      for (int64_t h = 0; h < H; h++) out[h] = bias ? acc[h] + ((const float *)bias)[h] : acc[h];
+    }
+  }
+  free(row);
+  free(acc);
+  return 0;
+}
+
 #if defined(__AVX512BF16__)
 int nm_has_bf16(void) { return 1; }
 

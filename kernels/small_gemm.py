@@ -165,6 +165,10 @@ class SmallGemm:
         self._attention.argtypes = [_PTR, _I64, ctypes.c_int, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_float, _PTR,
                                     ctypes.c_int]
         self._attention.restype = ctypes.c_int
+        self._dispatch, self._combine = lib.nm_moe_dispatch, lib.nm_moe_combine
+        self._dispatch.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
+        self._combine.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, _PTR, _PTR]
+        self._dispatch.restype = self._combine.restype = ctypes.c_int
         self._grouped = {torch.float32: lib.nm_grouped_f32}
         if self.bf16:
             self._grouped[torch.bfloat16] = lib.nm_grouped_bf16
@@ -247,6 +251,46 @@ class SmallGemm:
                                       None, y.data_ptr(), packs[0].n, torch.get_num_threads())
             if status != 0:
                 raise MemoryError(f"the int8 kernel could not allocate {xs.shape[0] * packs[0].k} bytes for its activations")
+        return y
+
+    def moe_route(self, x: torch.Tensor, experts: torch.Tensor, num_experts: int):
+        """dispatch_sorted's ordering and gather (experts_nomic_moe.py) in one call. x [N, H] (fp32 or
+        bf16), each token's experts [N, k] -> (xs [N*k, H]: x's rows grouped by expert, order [N*k]:
+        the (token, slot) pair of each row, stable, counts [E], bounds [E+1]: each expert's first row)."""
+        N, k = experts.shape
+        if x.dim() != 2 or x.shape[0] != N or x.dtype not in (torch.float32, torch.bfloat16) or x.stride(1) != 1:
+            raise ValueError(f"moe_route takes x [N, H] fp32 or bf16 with unit column stride and experts [N, k], not "
+                             f"{tuple(x.shape)} {x.dtype} and {tuple(experts.shape)}")
+        experts = experts.to(torch.int64).contiguous()
+        xs = x.new_empty(N * k, x.shape[1])
+        order = torch.empty(N * k, dtype=torch.int64)
+        counts = torch.empty(num_experts, dtype=torch.int64)
+        bounds = torch.empty(num_experts + 1, dtype=torch.int64)
+        status = self._dispatch(experts.data_ptr(), N, k, num_experts, x.data_ptr(), x.stride(0), x.shape[1],
+                                x.element_size(), order.data_ptr(), counts.data_ptr(), bounds.data_ptr(), xs.data_ptr())
+        if status == -1:
+            raise ValueError(f"an expert index outside 0..{num_experts - 1}: {experts.min().item()}..{experts.max().item()}")
+        if status != 0:
+            raise MemoryError("moe_route could not allocate its scratch")
+        return xs, order, counts, bounds
+
+    def moe_combine(self, ys: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        """combine (experts_nomic_moe.py) + bias, in one call, with torch's roundings: ys [N*k, H] in
+        expert order (moe_route's order), weights [N, k] in ys' dtype -> [N, H]."""
+        N, k = weights.shape
+        if ys.dim() != 2 or ys.shape[0] != N * k or order.shape != (N * k,) or order.dtype != torch.int64 \
+                or weights.dtype != ys.dtype \
+                or ys.dtype not in (torch.float32, torch.bfloat16) or (bias is not None and bias.shape != (ys.shape[1],)):
+            raise ValueError(f"moe_combine takes ys [N*k, H], order [N*k], weights [N, k] in ys' dtype and bias [H], not "
+                             f"{tuple(ys.shape)} {ys.dtype}, {tuple(order.shape)}, {tuple(weights.shape)} {weights.dtype}")
+        ys, weights = ys.contiguous(), weights.contiguous()
+        if bias is not None:
+            bias = bias.detach().to(ys.dtype).contiguous()
+        y = ys.new_empty(N, ys.shape[1])
+        status = self._combine(ys.data_ptr(), order.data_ptr(), weights.data_ptr(), N, k, ys.shape[1],
+                               ys.dtype == torch.bfloat16, None if bias is None else bias.data_ptr(), y.data_ptr())
+        if status != 0:
+            raise MemoryError("moe_combine could not allocate its scratch")
         return y
 
     def accepts_attention(self, dtype: torch.dtype, head_dim: int) -> bool:

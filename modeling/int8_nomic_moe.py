@@ -148,13 +148,19 @@ class Int8Experts(nn.Module):
         """Same dispatch as experts_sorted (``dispatch`` is experts_nomic_moe.dispatch_sorted)."""
         return dispatch(x, routing, len(self.ups), lambda e, rows: self.downs[e](F.gelu(self.ups[e](rows))), self.grouped)
 
+    def grouped_kernel(self, rows: int):
+        """The CPU kernel whose grouped int8 calls take every segment of up to ``rows`` rows, or None."""
+        kernel = self.ups[0].cpu_kernel
+        if kernel is None or not hasattr(kernel, "linear_int8_grouped") or not kernel.accepts(rows, torch.int8) \
+                or any(m.cpu_kernel is not kernel or m.activations != "per_token" for m in (*self.ups, *self.downs)):
+            return None
+        return kernel
+
     def grouped(self, xs: torch.Tensor, bounds) -> Optional[torch.Tensor]:
         """Every expert at once on a CPU kernel with grouped int8 calls, where it takes each segment:
         the sums of the per-expert calls, in two calls (all the ups, one GELU, all the downs); else None."""
-        kernel = self.ups[0].cpu_kernel
-        if kernel is None or not hasattr(kernel, "linear_int8_grouped") \
-                or any(m.cpu_kernel is not kernel or m.activations != "per_token" for m in (*self.ups, *self.downs)) \
-                or not all(kernel.accepts(hi - lo, torch.int8) for lo, hi in zip(bounds[:-1], bounds[1:])):
+        kernel = self.grouped_kernel(max(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])))
+        if kernel is None:
             return None
         xs = xs if xs.dtype == torch.float32 else xs.float()
         h = kernel.linear_int8_grouped(xs, bounds, [m.kernel_pack() for m in self.ups])

@@ -43,6 +43,7 @@ from .experts_nomic_moe import (
     Target,
     auto_choice,
     can_run_packed,
+    dispatch_by_kernel,
     dispatch_sorted,
     experts_dense,
     experts_graph,
@@ -517,6 +518,31 @@ class NomicMoEExperts(CpuKernels, nn.Module):
         self.last_used = self.implementation
         return BACKENDS[self.implementation](x, routing, w1, w2) + self.bias
 
+    def routing_kernel(self, x: torch.Tensor):
+        """The CPU kernel that orders, gathers and combines this layer's rows itself around its grouped
+        products (dispatch_by_kernel), or None: then the router sorts and forward() dispatches. It needs
+        every segment within the kernel's rows; a segment has at most N rows (a token picks an expert once)."""
+        if self.int8 is not None:
+            kernel = self.int8.grouped_kernel(x.shape[0]) if x.dtype == torch.float32 else None
+        else:
+            kernel = self.cpu_kernel
+            if kernel is None or not hasattr(kernel, "linear_grouped") or not kernel.accepts(x.shape[0], x.dtype) \
+                    or not (self.pack_cpu and can_run_packed(x) and self.mlp.w1.dtype == x.dtype and self.implementation == "auto"
+                            and auto_choice(Target.of(x.device, x.dtype), False) == "sorted"):
+                return None
+        return kernel if kernel is not None and hasattr(kernel, "moe_route") else None
+
+    def forward_routed(self, x: torch.Tensor, routing: Routing, kernel) -> torch.Tensor:
+        """forward() on an unsorted routing, with ``kernel`` = routing_kernel(x): the same vectors."""
+        if self.int8 is not None:
+            self.last_used = "int8"
+            return dispatch_by_kernel(x, routing, kernel, self.int8.grouped, self.bias)
+        self.last_used = "sorted (packed)"
+        w1, w2 = self.mlp.per_expert()
+        ups, downs = self._kernel_pack.get(functools.partial(pack_experts, pack=kernel.pack), w1, w2)
+        return dispatch_by_kernel(x, routing, kernel, lambda xs, bounds: kernel.linear_grouped(
+            F.gelu(kernel.linear_grouped(xs, bounds, ups)), bounds, downs), self.bias)
+
     def _apply(self, fn, *args, **kwargs):
         self.clear_packs()  # moved or recast: the packed copies no longer match
         self._w2_t.clear()
@@ -537,7 +563,10 @@ class NomicMoESparseBlock(nn.Module):
         self.experts = NomicMoEExperts(config)
 
     def forward(self, x: torch.Tensor, packing: Packing):
-        routing = self.router(x, sort=not packing.graph)
+        kernel = None if packing.graph else self.experts.routing_kernel(x)
+        routing = self.router(x, sort=not packing.graph and kernel is None)
+        if kernel is not None:  # a CPU kernel orders the pairs itself
+            return self.experts.forward_routed(x, routing, kernel), routing
         if packing.graph:  # graph export or CUDA graph: no host sync, no sort
             experts = self.experts
             if experts.int8 is not None:

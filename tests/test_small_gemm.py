@@ -66,6 +66,19 @@ class CountingGrouped(Counting):
         return self.inner.linear_grouped(xs, bounds, packs)
 
 
+class Routed(CountingGrouped):
+    """As CountingGrouped, with the kernel's own routing (moe_route, moe_combine) around the grouped calls."""
+
+    routes = 0
+
+    def moe_route(self, x, experts, num_experts):
+        self.routes += 1
+        return self.inner.moe_route(x, experts, num_experts)
+
+    def moe_combine(self, ys, order, weights, bias=None):
+        return self.inner.moe_combine(ys, order, weights, bias)
+
+
 class Int8PerExpert:
     """The int8 side of the kernel without its grouped call: one call per expert segment."""
 
@@ -476,6 +489,90 @@ def test_model_gives_the_same_vectors_grouped_or_per_expert(kernel, models, dtyp
             out[type(spy).__name__] = model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert grouped.grouped > 0  # the layers' experts took the grouped call, and the vectors did not move
     assert torch.equal(*out.values())
+
+
+class Int8Routed(Int8Grouped):
+    routes = 0
+
+    def moe_route(self, x, experts, num_experts):
+        self.routes += 1
+        return self.inner.moe_route(x, experts, num_experts)
+
+    def moe_combine(self, ys, order, weights, bias=None):
+        return self.inner.moe_combine(ys, order, weights, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_kernel_routing_is_the_routers_sort_and_combine(kernel, dtype, top_k):
+    """moe_route and moe_combine against the operators they replace: the router's sort, the gather of
+    dispatch_sorted, combine + bias; equal, not close."""
+    from nomic_moe_modeling.configuration_nomic_moe import NomicMoEConfig
+    from nomic_moe_modeling.experts_nomic_moe import combine
+    from nomic_moe_modeling.modeling_nomic_moe import NomicMoERouter
+
+    if dtype == torch.bfloat16 and not kernel.bf16:
+        pytest.skip("this CPU has no AVX512_BF16")
+    E, H, N = 6, 40, 23
+    g = torch.Generator().manual_seed(top_k)
+    router = NomicMoERouter(NomicMoEConfig(hidden_size=H, num_attention_heads=4, num_experts=E, num_experts_per_tok=top_k))
+    with torch.no_grad():
+        router.layer.weight.copy_(torch.randn(E, H, generator=g))
+        router.layer.weight[5] = -100.0  # one expert nobody picks (x > 0 below): an empty segment
+    x = (torch.randn(N, H, generator=g).abs() + 0.1).to(dtype)
+    sorted_ = router(x)
+    plain = router(x, sort=False)
+    assert plain.order is None
+    xs, order, counts, bounds = kernel.moe_route(x, plain.experts, E)
+    assert torch.equal(order, sorted_.order) and torch.equal(counts, sorted_.counts) and torch.equal(bounds, sorted_.offsets)
+    assert counts[5] == 0 and torch.equal(xs, x[sorted_.sorted_tokens()])
+    ys = torch.randn(N * top_k, H, generator=g).to(dtype)
+    bias = torch.randn(H, generator=g).to(dtype)
+    assert torch.equal(kernel.moe_combine(ys, order, plain.weights, bias), combine(ys, sorted_, N) + bias)
+    assert torch.equal(kernel.moe_combine(ys, order, plain.weights), combine(ys, sorted_, N))
+    with pytest.raises(ValueError, match="expert index outside"):
+        kernel.moe_route(x, plain.experts + E, E)
+    with pytest.raises(ValueError, match="moe_combine takes"):
+        kernel.moe_combine(ys, order, plain.weights.float() if dtype == torch.bfloat16 else plain.weights.double())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_model_gives_the_same_vectors_when_the_kernel_routes(kernel, models, dtype):
+    """The router leaves the pairs unsorted and the kernel orders, gathers and combines them: the same
+    vectors and the same routing (order, counts, offsets: the server's expert metrics read counts)."""
+    from nomic_moe_modeling.modeling_nomic_moe import NomicMoESparseBlock
+
+    model, _, cfg = models("8x2")
+    model = copy.deepcopy(model)
+    if dtype == "int8":
+        if not kernel.int8:
+            pytest.skip("this CPU has no AVX512_VNNI")
+        model.set_cpu_kernel(kernel)
+        model.quantize_int8(activations="per_token")
+        routed, plain = Int8Routed(kernel), Int8Grouped(kernel)
+    else:
+        if dtype == "bfloat16":
+            if not kernel.bf16:
+                pytest.skip("this CPU has no AVX512_BF16")
+            model = model.to(torch.bfloat16)
+        routed, plain = Routed(kernel), CountingGrouped(kernel)
+    routings = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out: routings.setdefault(current, []).append(out[1]))
+             for m in model.modules() if isinstance(m, NomicMoESparseBlock)]
+    ids, mask = random_batch([5, 17, 3, 9], cfg["vocab_size"], seed=8)
+    out = {}
+    try:
+        for current, spy in (("routed", routed), ("plain", plain)):
+            model.set_cpu_kernel(spy)
+            with torch.no_grad():
+                out[current] = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        for h in hooks:
+            h.remove()
+    assert routed.routes == len(hooks) > 0 and plain.grouped > 0
+    assert torch.equal(out["routed"], out["plain"])
+    for a, b in zip(routings["routed"], routings["plain"]):
+        assert torch.equal(a.order, b.order) and torch.equal(a.counts, b.counts) and torch.equal(a.offsets, b.offsets)
 
 
 def test_the_avx2_build_computes_the_same_products(kernel):
