@@ -491,7 +491,9 @@ class NomicMoEExperts(CpuKernels, nn.Module):
         self.init_cpu_kernels()  # as NomicMoELinear's: a kernel takes the expert segments it accepts
         self._w2_t = PackCache()
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: Routing, kernel=None) -> torch.Tensor:
+        if kernel is not None:  # = routing_kernel(x): the routing is unsorted, the kernel orders it
+            return self.forward_routed(x, routing, kernel)
         if self.int8 is not None:
             self.last_used = "int8"
             return self.int8(x, routing, dispatch_sorted) + self.bias
@@ -566,7 +568,7 @@ class NomicMoESparseBlock(nn.Module):
         kernel = None if packing.graph else self.experts.routing_kernel(x)
         routing = self.router(x, sort=not packing.graph and kernel is None)
         if kernel is not None:  # a CPU kernel orders the pairs itself
-            return self.experts.forward_routed(x, routing, kernel), routing
+            return self.experts(x, routing, kernel), routing
         if packing.graph:  # graph export or CUDA graph: no host sync, no sort
             experts = self.experts
             if experts.int8 is not None:
