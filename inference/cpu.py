@@ -131,4 +131,5 @@ def use_cpu_kernels(model) -> Optional[str]:
     kernel = small_gemm.install(model)
     if kernel is None:
         return f"few-row kernel off: {small_gemm.why_unavailable()}"
-    return f"few-row kernel ({kernel.width}-column panels, {', '.join(dtype_name(d) for d in kernel.dtypes())})"
+    return (f"few-row kernel ({kernel.width}-column panels, {', '.join(dtype_name(d) for d in kernel.dtypes())}"
+            + (", RoPE + attention" if kernel.attention_ok else "") + ")")

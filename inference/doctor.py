@@ -108,7 +108,9 @@ def cpu_report(isa: Optional[str], dtype: str) -> dict:
     if not out["simulated"]:  # the few-row kernel is built for this CPU only (-march=native)
         k = small_gemm.load()
         out["few_row_kernel"] = ({"available": True, "dtypes": [dtype_name(d) for d in k.dtypes()],
-                                  "max_rows": max(small_gemm.MAX_ROWS.values()), "library": str(k.path)} if k else
+                                  "max_rows": max(small_gemm.MAX_ROWS.values()), "library": str(k.path),
+                                  "attention": k.attention_ok, "huge_pages": small_gemm.huge_page_mode()
+                                  if k.arena.enabled else "off (NOMIC_MOE_HUGE_PAGES=0)"} if k else
                                  {"available": False, "why": small_gemm.why_unavailable()})
     return out
 
@@ -141,8 +143,16 @@ def print_report(r: dict) -> None:
     if fk:
         print("           few-row kernel " + (f"on for {', '.join(fk['dtypes'])} products of up to {fk['max_rows']} rows (short queries)"
                                             if fk["available"] else f"off: {fk['why']} (oneDNN's packed weights serve short queries)"))
+        if fk["available"]:
+            print("           " + ("RoPE + attention in one kernel call" if fk["attention"] else
+                                   "attention: torch's RoPE and SDPA (the kernel's attention needs AVX-512)")
+                  + f"; an MoE layer's routing in two kernel calls; packed weights in 2 MiB pages: THP {fk['huge_pages']}")
     print(f"dtype      {r['dtype']}")
-    print(f"attention  {r['attention']['kernel']}: {r['attention']['why']}")
+    if fk and fk["available"] and fk["attention"] and r["device"].startswith("CPU"):
+        print(f"attention  the few-row kernel's RoPE + attention per text (where it is installed; else "
+              f"{r['attention']['kernel']}: {r['attention']['why']})")
+    else:
+        print(f"attention  {r['attention']['kernel']}: {r['attention']['why']}")
     for c in r["attention"]["candidates"][1:]:
         print(f"           then {c['kernel']}: {c['why']}")
     print(f"experts    {r['experts']['backend']}: {r['experts']['why']}")

@@ -362,6 +362,17 @@ class SmallGemm:
                 f"int8 {'yes' if self.int8 else 'no'})")
 
 
+def huge_page_mode() -> str:
+    """Linux's transparent huge page setting (the arena asks for them with madvise): always, madvise,
+    never, or unknown (another OS)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown"
+    chosen = [w.strip("[]") for w in text.split() if w.startswith("[")]
+    return chosen[0] if chosen else "unknown"
+
+
 def enabled() -> bool:
     return os.environ.get("NOMIC_MOE_SMALL_GEMM", "1") != "0"
 
