@@ -246,6 +246,10 @@ def bench(device="cpu", dtypes=("float32", "bfloat16"), n_texts=64, batch_size=3
     lengths = workload(n_texts)
     n_tokens = sum(lengths)
     model = build_model(device)
+    if device.type == "cpu":  # as our encoders and server run it: the package's CPU kernel where it builds
+        from .cpu import use_cpu_kernels
+
+        log(f"CPU kernels: {use_cpu_kernels(model)}")
     cfg = model.config
     fpt = flops_per_token(cfg, sum(n * n for n in lengths) / n_tokens)
     env = {
@@ -262,7 +266,8 @@ def bench(device="cpu", dtypes=("float32", "bfloat16"), n_texts=64, batch_size=3
     log(f"workload: {n_texts} texts, {n_tokens} real tokens, median {env['median_len']}, max {env['max_len']}; "
         f"{fpt / 1e9:.3f} GFLOP per real token; device {env['device']}, {env['threads']} threads")
     if backends is None:
-        backends = ["eager", "sorted", "grouped_mm"] + (["triton"] if device.type == "cuda" else [])
+        # auto: what a user gets (on the CPU the packed weights and the few-row kernel); the others by name
+        backends = ["auto", "eager", "sorted", "grouped_mm"] + (["triton"] if device.type == "cuda" else [])
     rows, limits, cosines, extras = [], {}, {}, {}
     reference_emb = None
     for dname in dtypes:
@@ -297,7 +302,7 @@ def bench(device="cpu", dtypes=("float32", "bfloat16"), n_texts=64, batch_size=3
             f"{extras[dname]['moe_layer']['ratio']:.2f}x a dense GEMM pair of the same FLOPs")
         runnable = []  # grouped_mm takes bf16 only: fp16 on an H200 skips it, with the reason
         for b in backends:
-            why = why_unavailable(b, Target.of(device, dtype), False)
+            why = None if b == "auto" else why_unavailable(b, Target.of(device, dtype), False)
             if why:
                 log(f"{dname}: {b} skipped: {why}")
             else:
