@@ -147,6 +147,87 @@ static void attend_head(const char *qkv, int64_t ldq_bytes, int bf16, int64_t h,
   }
 }
 
+#if defined(__AVX512BF16__)
+// bf16 in: q, k and v rounded to bf16 (as torch's bf16 RoPE leaves them) and the softmax weights too,
+// the products in AVX512_BF16's pairwise dot products (twice the multiply-adds of an fp32 FMA), the
+// sums in fp32. Layouts, in pairs of bf16 (one 32-bit word): Q2 [Lq][D/2] (dims 2d, 2d+1), Kt2
+// [D/2][Lp] (a key's dims 2d, 2d+1), V2 [Lp/2][D] (tokens 2j, 2j+1 of a dim), P2 [QB][Lp/2].
+static inline uint32_t bf16_bits(float f) {  // round to nearest even
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return (u + 0x7FFF + ((u >> 16) & 1)) >> 16;
+}
+static inline uint32_t bf16_pair(float lo, float hi) { return bf16_bits(lo) | bf16_bits(hi) << 16; }
+
+static inline void scores_block_bf16(const uint32_t *Q2, int64_t D2, const uint32_t *Kt2, int64_t Lp, int64_t j,
+                                     float scale, float *S) {
+  __m512 a[QB][4];
+  for (int r = 0; r < QB; r++)
+    for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D2; d++) {
+    const uint32_t *k = Kt2 + d * Lp + j;
+    __m512bh kc[4];
+    for (int c = 0; c < 4; c++) kc[c] = (__m512bh)_mm512_loadu_si512(k + 16 * c);
+    for (int r = 0; r < QB; r++) {
+      __m512bh x = (__m512bh)_mm512_set1_epi32((int)Q2[r * D2 + d]);
+      for (int c = 0; c < 4; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], x, kc[c]);
+    }
+  }
+  for (int r = 0; r < QB; r++)
+    for (int c = 0; c < 4; c++) _mm512_storeu_ps(S + r * Lp + j + 16 * c, _mm512_mul_ps(a[r][c], _mm512_set1_ps(scale)));
+}
+
+static void attend_head_bf16(const char *qkv, int64_t ldq_bytes, int64_t h, int64_t hd, int64_t D, int64_t lo, int64_t L,
+                             const float *cos, const float *sin, float scale, char *ctx, int64_t ldc_bytes, float *buf) {
+  const int64_t Lp = (L + 63) & ~(int64_t)63, hD = h * D, nv = D / 16, D2 = D / 2, Lq = (L + QB - 1) / QB * QB;
+  uint32_t *Q2 = (uint32_t *)buf, *Kt2 = Q2 + Lp * D2, *V2 = Kt2 + D2 * Lp, *P2 = V2 + Lp / 2 * D;
+  float *S = (float *)(P2 + QB * Lp / 2);
+  float q[MAXD], k[MAXD];
+  for (int64_t t = 0; t < L; t++) {
+    const char *r = qkv + (lo + t) * ldq_bytes;
+    const float *c = cos + (lo + t) * D, *s = sin + (lo + t) * D;
+    rope_row(r + hd * D * 2, 1, D, c, s, 1.0f, q);
+    rope_row(r + (hD + hd * D) * 2, 1, D, c, s, 1.0f, k);
+    const uint16_t *v = (const uint16_t *)(r + (2 * hD + hd * D) * 2);
+    for (int64_t d = 0; d < D2; d++) {
+      Q2[t * D2 + d] = bf16_pair(q[2 * d], q[2 * d + 1]);
+      Kt2[d * Lp + t] = bf16_pair(k[2 * d], k[2 * d + 1]);
+    }
+    uint16_t *v2 = (uint16_t *)(V2 + (t / 2) * D) + t % 2;  // token t is the low (even) or high half
+    for (int64_t d = 0; d < D; d++) v2[2 * d] = v[d];
+  }
+  for (int64_t d = 0; d < D2; d++) memset(Kt2 + d * Lp + L, 0, (size_t)(Lp - L) * 4);
+  memset(Q2 + L * D2, 0, (size_t)((Lq - L) * D2) * 4);
+  if (L % 2) {
+    uint16_t *v2 = (uint16_t *)(V2 + (L / 2) * D) + 1;
+    for (int64_t d = 0; d < D; d++) v2[2 * d] = 0;
+  }
+  for (int64_t i = 0; i < L; i += QB) {
+    for (int64_t j = 0; j < Lp; j += 64) scores_block_bf16(Q2 + i * D2, D2, Kt2, Lp, j, scale, S);
+    float inv[QB];
+    for (int r = 0; r < QB; r++) {
+      inv[r] = softmax_row(S + r * Lp, L, Lp);
+      for (int64_t j = 0; j < Lp; j += 2) P2[r * (Lp / 2) + j / 2] = bf16_pair(S[r * Lp + j], S[r * Lp + j + 1]);
+    }
+    __m512 o[QB][MAXD / 16];
+    for (int r = 0; r < QB; r++)
+      for (int64_t c = 0; c < nv; c++) o[r][c] = _mm512_setzero_ps();
+    for (int64_t j2 = 0; j2 < (L + 1) / 2; j2++) {
+      const uint32_t *vj = V2 + j2 * D;
+      for (int64_t c = 0; c < nv; c++) {
+        __m512bh vc = (__m512bh)_mm512_loadu_si512(vj + 16 * c);
+        for (int r = 0; r < QB; r++)
+          o[r][c] = _mm512_dpbf16_ps(o[r][c], (__m512bh)_mm512_set1_epi32((int)P2[r * (Lp / 2) + j2]), vc);
+      }
+    }
+    for (int r = 0; r < QB && i + r < L; r++) store_row(o[r], nv, inv[r], 1, ctx + (lo + i + r) * ldc_bytes + hd * D * 2);
+  }
+}
+#define BF16_PRODUCTS 1
+#else
+#define BF16_PRODUCTS 0
+#endif
+
 // Returns 0, -1 for a head size it does not take, -2 where its scratch could not be had.
 int nm_attention(const void *qkv, int64_t ldq, int bf16, int64_t h, int64_t D, int64_t B, const int64_t *bounds,
                  const float *cos, const float *sin, float scale, void *ctx, int nthreads) {
@@ -165,8 +246,14 @@ int nm_attention(const void *qkv, int64_t ldq, int bf16, int64_t h, int64_t D, i
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * h; task++) {
       int64_t b = task / h, hd = task % h, lo = bounds[b], L = bounds[b + 1] - lo;
-      if (buf && L > 0)
-        attend_head(qkv, ldq * (bf16 ? 2 : 4), bf16, h, hd, D, lo, L, cos, sin, scale, ctx, h * D * (bf16 ? 2 : 4), buf);
+      if (!buf || L <= 0) continue;
+#if BF16_PRODUCTS
+      if (bf16) {
+        attend_head_bf16(qkv, ldq * 2, h, hd, D, lo, L, cos, sin, scale, ctx, h * D * 2, buf);
+        continue;
+      }
+#endif
+      attend_head(qkv, ldq * (bf16 ? 2 : 4), bf16, h, hd, D, lo, L, cos, sin, scale, ctx, h * D * (bf16 ? 2 : 4), buf);
     }
     free(buf);
   }

@@ -226,12 +226,13 @@ def test_attention_kernel_is_rope_then_sdpa_per_text(kernel, heads, D):
     assert torch.equal(kernel.attention(wide, bounds[:2] + bounds[1:], cos, sin), got)
 
 
-def test_attention_kernel_in_bf16_rounds_once(kernel):
-    """bf16 in, bf16 out, fp32 inside: within one rounding of the fp32 result (torch's own bf16
-    path, rounding after every elementwise op of RoPE, is further off)."""
+def test_attention_kernel_in_bf16_is_as_close_to_fp32_as_torchs_own(kernel):
+    """bf16 in and out; with AVX512_BF16 the products take bf16 q, k, v and softmax weights (as torch's
+    bf16 RoPE leaves q and k) with fp32 sums: no further from the fp32 result than torch's own bf16
+    path (RoPE rounded after every elementwise op, then SDPA)."""
     if not (kernel.attention_ok and kernel.bf16):
         pytest.skip("needs AVX-512 with AVX512_BF16")
-    lengths = [32, 3, 70]
+    lengths = [32, 3, 70, 1]
     g = torch.Generator().manual_seed(7)
     qkv = (torch.randn(sum(lengths), 3, 12, 64, generator=g) * 2).bfloat16()
     ref, packing = rope_then_attention(qkv.float(), lengths, torch.float32)
@@ -239,9 +240,8 @@ def test_attention_kernel_in_bf16_rounds_once(kernel):
     cos, sin = packing.rope(64, 10000.0, torch.float32)
     got = kernel.attention(qkv, packing.text_bounds(), cos, sin)
     assert got.dtype == torch.bfloat16
-    err = (got.float() - ref).abs()
-    assert (err <= ref.abs() * 2**-8 + 1e-6).all()
-    assert err.max() <= (own.float() - ref).abs().max()
+    err, own_err = (got.float() - ref).abs(), (own.float() - ref).abs()
+    assert err.max() <= own_err.max() and err.mean() <= own_err.mean()
 
 
 def test_attention_kernel_refuses_what_it_cannot_take(kernel):
