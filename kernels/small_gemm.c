@@ -295,23 +295,17 @@ int nm_has_int8(void) { return 1; }
 __attribute__((noinline, optimize("fp-contract=off"))) static void epilogue_s8(
     const int32_t *sums, int mt, const int32_t *colsum, const float *xscale, const float *wscale, const float *bias,
     float *y, int64_t ldy, int ncols) {
-  if (ncols < NB) {
-    for (int m = 0; m < mt; m++)
-      for (int j = 0; j < ncols; j++) {
-        // u8 = s8 + 128, so a sum holds 128 * (the column's weight sum) too: taken off exactly, in integers
-        float v = (float)(sums[m * NB + j] - 128 * colsum[j]) * (xscale[m] * wscale[j]);
-        y[m * ldy + j] = bias ? v + bias[j] : v;
-      }
-    return;
-  }
-  for (int h = 0; h < 2; h++) {  // a whole panel: the same arithmetic, 16 columns a vector
-    __m512i c128 = _mm512_slli_epi32(_mm512_loadu_si512(colsum + h * VW), 7);
-    __m512 ws = _mm512_loadu_ps(wscale + h * VW), b = bias ? _mm512_loadu_ps(bias + h * VW) : _mm512_setzero_ps();
+  for (int h = 0; h * VW < ncols; h++) {  // 16 columns a vector; lanes past ncols are neither read nor written
+    int live = ncols - h * VW < VW ? ncols - h * VW : VW;
+    __mmask16 k = (__mmask16)((1u << live) - 1);
+    // u8 = s8 + 128, so a sum holds 128 * (the column's weight sum) too: taken off exactly, in integers
+    __m512i c128 = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(k, colsum + h * VW), 7);
+    __m512 ws = _mm512_maskz_loadu_ps(k, wscale + h * VW), b = bias ? _mm512_maskz_loadu_ps(k, bias + h * VW) : _mm512_setzero_ps();
     for (int m = 0; m < mt; m++) {
-      __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(sums + m * NB + h * VW), c128));
+      __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_maskz_loadu_epi32(k, sums + m * NB + h * VW), c128));
       v = _mm512_mul_ps(v, _mm512_mul_ps(_mm512_set1_ps(xscale[m]), ws));
       if (bias) v = _mm512_add_ps(v, b);
-      _mm512_storeu_ps(y + m * ldy + h * VW, v);
+      _mm512_mask_storeu_ps(y + m * ldy + h * VW, k, v);
     }
   }
 }
