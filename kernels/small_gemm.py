@@ -74,6 +74,30 @@ class PackedInt8:
 
 
 _PTR = ctypes.c_void_p
+
+
+class Group:
+    """An MoE layer's packed matrices (one shape, one kind) with the C arrays of their addresses,
+    made once (``SmallGemm.group``): rebuilding the arrays on every grouped call cost tens of
+    microseconds a layer. It indexes and iterates like the list it was made from."""
+
+    def __init__(self, packs, fields):
+        self.packs = tuple(packs)
+        if not self.packs or any(type(p) is not type(self.packs[0]) or (p.n, p.k) != (self.packs[0].n, self.packs[0].k)
+                                 for p in self.packs):
+            raise ValueError("a grouped call needs one or more packed weights of one shape")
+        self.n, self.k = self.packs[0].n, self.packs[0].k
+        self.dtype = self.packs[0].panels.dtype
+        self.arrays = tuple((_PTR * len(self.packs))(*(getattr(p, f).data_ptr() for p in self.packs)) for f in fields)
+
+    def __len__(self):
+        return len(self.packs)
+
+    def __getitem__(self, e):
+        return self.packs[e]
+
+    def __iter__(self):
+        return iter(self.packs)
 _I64 = ctypes.c_int64
 _ARGS = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
 
@@ -127,6 +151,18 @@ def _keep(block):
     pass
 
 
+def _vector(v: Optional[torch.Tensor], dtype: torch.dtype, n: int) -> Optional[torch.Tensor]:
+    """A bias as the kernel reads it: n contiguous values in ``dtype`` (the tensor itself when it is
+    one already: no copy, and no autograd view, per call), or None."""
+    if v is None:
+        return None
+    if v.dtype != dtype or not v.is_contiguous():
+        v = v.detach().to(dtype).contiguous()
+    if v.shape != (n,):
+        raise ValueError(f"bias {tuple(v.shape)} does not fit {n} output columns")
+    return v
+
+
 class _Block:
     def __init__(self, ptr, size, free):
         self.ptr, self.size, self._free = ptr, size, free
@@ -174,13 +210,14 @@ class SmallGemm:
             self._grouped[torch.bfloat16] = lib.nm_grouped_bf16
         for fn in self._grouped.values():
             fn.argtypes, fn.restype = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int], None
+        self._max_rows = {dtype: MAX_ROWS[dtype] for dtype in self.dtypes()}  # accepts(), asked before every product
 
     def dtypes(self):
         """What it computes: fp32, bf16 (AVX512_BF16) and int8 (per-token activations, AVX512_VNNI)."""
         return (torch.float32,) + ((torch.bfloat16,) if self.bf16 else ()) + ((torch.int8,) if self.int8 else ())
 
     def accepts(self, rows: int, dtype: torch.dtype) -> bool:
-        return dtype in self.dtypes() and rows <= MAX_ROWS[dtype]
+        return rows <= self._max_rows.get(dtype, -1)
 
     def pack(self, w: torch.Tensor) -> Packed:
         """w [n, k] -> panels [n/NB, k, NB] (fp32) or [n/NB, k/2, NB, 2] (bf16 pairs), n padded with zeros."""
@@ -202,8 +239,8 @@ class SmallGemm:
     def _rows(x: torch.Tensor, packed, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """x checked against the packed weight, with unit column stride, and the output [M, n] to fill."""
         if x.dim() != 2 or x.shape[1] != packed.k or x.dtype != dtype:
-            raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a packed [{packed.n}, {packed.k}] "
-                             f"{packed.panels.dtype} weight")
+            raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a packed [{packed.n}, {packed.k}] weight "
+                             f"(it takes {dtype} rows)")
         if x.stride(1) != 1:
             x = x.contiguous()
         return x, x.new_empty(x.shape[0], packed.n)
@@ -213,42 +250,48 @@ class SmallGemm:
         x, y = self._rows(x, packed, packed.panels.dtype)
         if x.shape[0] == 0:
             return y
-        if bias is not None:
-            bias = bias.detach().contiguous()
+        bias = _vector(bias, x.dtype, packed.n)
         call = self._f32 if x.dtype == torch.float32 else self._bf16
         call(x.data_ptr(), x.stride(0), x.shape[0], packed.k, packed.panels.data_ptr(), packed.n,
              None if bias is None else bias.data_ptr(), y.data_ptr(), packed.n, torch.get_num_threads())
         return y
 
-    @staticmethod
-    def _groups(xs: torch.Tensor, bounds, packs, dtype: torch.dtype):
-        """Checks a grouped call: xs [M, k] in ``dtype``, bounds [E+1] from 0 to M, E packs of one shape.
-        Returns xs with unit column stride, the output [M, n] and the bounds as a C array."""
-        if len(bounds) != len(packs) + 1 or bounds[0] != 0 or bounds[-1] != xs.shape[0] \
+    def group(self, packs) -> Group:
+        """An MoE layer's packed matrices (all Packed, or all PackedInt8, of one shape) for the grouped
+        calls, their addresses gathered once; linear_grouped and linear_int8_grouped also take a list."""
+        packs = list(packs)
+        return Group(packs, ("panels", "colsum", "scale") if packs and isinstance(packs[0], PackedInt8) else ("panels",))
+
+    def _groups(self, xs: torch.Tensor, bounds, packs, kind, dtype: torch.dtype):
+        """Checks a grouped call: xs [M, k] in ``dtype``, bounds [E+1] from 0 to M, E packs of one shape
+        and ``kind``. Returns xs with unit column stride, the output [M, n], the bounds as a C array and
+        the packs as a Group."""
+        group = packs if isinstance(packs, Group) else self.group(packs)
+        if not isinstance(group.packs[0], kind):
+            raise ValueError(f"this grouped call takes {kind.__name__} weights, not {type(group.packs[0]).__name__}")
+        if len(bounds) != len(group) + 1 or bounds[0] != 0 or bounds[-1] != xs.shape[0] \
                 or any(hi < lo for lo, hi in zip(bounds[:-1], bounds[1:])):
-            raise ValueError(f"bounds {list(bounds)} do not split {xs.shape[0]} rows among {len(packs)} experts")
-        if not packs or any((p.n, p.k) != (packs[0].n, packs[0].k) for p in packs):
-            raise ValueError("a grouped call needs one or more packed weights of one shape")
-        xs, y = SmallGemm._rows(xs, packs[0], dtype)
-        return xs, y, (_I64 * len(bounds))(*bounds)
+            raise ValueError(f"bounds {list(bounds)} do not split {xs.shape[0]} rows among {len(group)} experts")
+        xs, y = SmallGemm._rows(xs, group, dtype)
+        return xs, y, (_I64 * len(bounds))(*bounds), group
 
     def linear_grouped(self, xs: torch.Tensor, bounds, packs) -> torch.Tensor:
         """Rows grouped by expert: y[bounds[e]:bounds[e+1]] = linear(xs[bounds[e]:bounds[e+1]], packs[e]),
-        the same sums, in one call (one parallel region for all the experts, no bias)."""
-        xs, y, c_bounds = self._groups(xs, bounds, packs, packs[0].panels.dtype if packs else torch.float32)
+        the same sums, in one call (one parallel region for all the experts, no bias). ``packs``: a
+        list of Packed, or their Group (``group``)."""
+        dtype = packs.dtype if isinstance(packs, Group) else packs[0].panels.dtype if packs else torch.float32
+        xs, y, c_bounds, group = self._groups(xs, bounds, packs, Packed, dtype)
         if xs.shape[0]:
-            ptrs = (_PTR * len(packs))(*(p.panels.data_ptr() for p in packs))
-            self._grouped[xs.dtype](xs.data_ptr(), xs.stride(0), packs[0].k, len(packs), c_bounds, ptrs, packs[0].n,
-                                    None, y.data_ptr(), packs[0].n, torch.get_num_threads())
+            self._grouped[xs.dtype](xs.data_ptr(), xs.stride(0), group.k, len(group), c_bounds, *group.arrays, group.n,
+                                    None, y.data_ptr(), group.n, torch.get_num_threads())
         return y
 
     def linear_int8_grouped(self, xs: torch.Tensor, bounds, packs) -> torch.Tensor:
-        """As linear_grouped, with PackedInt8 weights: linear_int8 of each expert's rows, in one call."""
-        xs, y, c_bounds = self._groups(xs, bounds, packs, torch.float32)
+        """As linear_grouped, with PackedInt8 weights (or their Group): linear_int8 of each expert's rows, in one call."""
+        xs, y, c_bounds, group = self._groups(xs, bounds, packs, PackedInt8, torch.float32)
         if xs.shape[0]:
-            arrays = [(_PTR * len(packs))(*(getattr(p, f).data_ptr() for p in packs)) for f in ("panels", "colsum", "scale")]
-            status = self._grouped_s8(xs.data_ptr(), xs.stride(0), packs[0].k, len(packs), c_bounds, *arrays, packs[0].n,
-                                      None, y.data_ptr(), packs[0].n, torch.get_num_threads())
+            status = self._grouped_s8(xs.data_ptr(), xs.stride(0), group.k, len(group), c_bounds, *group.arrays, group.n,
+                                      None, y.data_ptr(), group.n, torch.get_num_threads())
             if status != 0:
                 raise MemoryError(f"the int8 kernel could not allocate {xs.shape[0] * packs[0].k} bytes for its activations")
         return y
@@ -340,8 +383,7 @@ class SmallGemm:
         x, y = self._rows(x, packed, torch.float32)
         if x.shape[0] == 0:
             return y
-        if bias is not None:
-            bias = bias.detach().float().contiguous()
+        bias = _vector(bias, torch.float32, packed.n)
         status = self._s8(x.data_ptr(), x.stride(0), x.shape[0], packed.k, packed.panels.data_ptr(), packed.colsum.data_ptr(),
                           packed.scale.data_ptr(), packed.n, None if bias is None else bias.data_ptr(), y.data_ptr(),
                           packed.n, torch.get_num_threads())

@@ -108,8 +108,13 @@ class Int8Linear(nn.Module):
         self._kernel_pack.clear()
 
     def kernel_pack(self):
-        """This matrix in the CPU kernel's int8 layout (per_token only), made on first use."""
-        return self._kernel_pack.get(self.cpu_kernel.pack_int8, self._wq, self._w_scale)
+        """This matrix in the CPU kernel's int8 layout (per_token only), made on first use. The s8
+        weight is made once, in __init__, and never changes, so the copy needs no key check (a few
+        microseconds a call, 132 calls a forward pass); set_cpu_kernel drops it."""
+        packed = self._kernel_pack.value
+        if packed is None:
+            packed = self._kernel_pack.get(self.cpu_kernel.pack_int8, self._wq, self._w_scale)
+        return packed
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, engine: str, activations: str = "per_batch") -> "Int8Linear":
@@ -143,6 +148,7 @@ class Int8Experts(nn.Module):
         super().__init__()
         self.ups = nn.ModuleList(Int8Linear(w1[e], None, engine, activations) for e in range(w1.shape[0]))
         self.downs = nn.ModuleList(Int8Linear(w2[e].T, None, engine, activations) for e in range(w2.shape[0]))
+        self._groups = PackCache()  # (kernel, ups, downs) for the grouped calls, made once per kernel
 
     def forward(self, x: torch.Tensor, routing, dispatch) -> torch.Tensor:
         """Same dispatch as experts_sorted (``dispatch`` is experts_nomic_moe.dispatch_sorted)."""
@@ -163,5 +169,21 @@ class Int8Experts(nn.Module):
         if kernel is None:
             return None
         xs = xs if xs.dtype == torch.float32 else xs.float()
-        h = kernel.linear_int8_grouped(xs, bounds, [m.kernel_pack() for m in self.ups])
-        return kernel.linear_int8_grouped(F.gelu(h), bounds, [m.kernel_pack() for m in self.downs])
+        ups, downs = self.kernel_groups(kernel)
+        return kernel.linear_int8_grouped(F.gelu(kernel.linear_int8_grouped(xs, bounds, ups)), bounds, downs)
+
+    def set_cpu_kernel(self, kernel):
+        """Drops the grouped copies (each matrix's own copy is dropped by its Int8Linear.set_cpu_kernel)."""
+        self._groups.clear()
+
+    def kernel_groups(self, kernel):
+        """Every expert's up and down matrices in ``kernel``'s layout, as the kernel's groups where it
+        makes them (``group``: their addresses gathered once), else as lists; made once per kernel."""
+        made = self._groups.value
+        if made is None or made[0] is not kernel:
+            ups, downs = [m.kernel_pack() for m in self.ups], [m.kernel_pack() for m in self.downs]
+            group = getattr(kernel, "group", None)
+            if group is not None:
+                ups, downs = group(ups), group(downs)
+            self._groups.value = made = (kernel, ups, downs)
+        return made[1], made[2]

@@ -49,7 +49,7 @@ from .experts_nomic_moe import (
     experts_graph,
     experts_packed,
     experts_sorted,
-    pack_experts,
+    pack_experts_for,
     pack_w2,
     run_auto,
     run_first,
@@ -502,7 +502,7 @@ class NomicMoEExperts(CpuKernels, nn.Module):
         if self.pack_cpu and can_run_packed(x) and w1.dtype == x.dtype \
                 and self.implementation == "auto" and auto_choice(target, False) == "sorted":
             self.last_used = "sorted (packed)"  # the floor's math with the weights laid out once
-            kernels = [(k, functools.partial(packs.get, functools.partial(pack_experts, pack=k.pack), w1, w2))
+            kernels = [(k, functools.partial(packs.get, functools.partial(pack_experts_for, k), w1, w2))
                        for k, packs in self.cpu_kernels()]
             return experts_packed(x, routing, w1, w2, kernels) + self.bias
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled() \
@@ -541,7 +541,7 @@ class NomicMoEExperts(CpuKernels, nn.Module):
             return dispatch_by_kernel(x, routing, kernel, self.int8.grouped, self.bias)
         self.last_used = "sorted (packed)"
         w1, w2 = self.mlp.per_expert()
-        ups, downs = self._kernel_pack.get(functools.partial(pack_experts, pack=kernel.pack), w1, w2)
+        ups, downs = self._kernel_pack.get(functools.partial(pack_experts_for, kernel), w1, w2)
         return dispatch_by_kernel(x, routing, kernel, lambda xs, bounds: kernel.linear_grouped(
             F.gelu(kernel.linear_grouped(xs, bounds, ups)), bounds, downs), self.bias)
 
@@ -682,7 +682,7 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
         a short query faster on the CPU is ``nomic_moe_kernels.small_gemm.install(model)``."""
         self.cpu_kernel = kernel  # quantize_int8 hands it to the int8 matrices it makes
         for m in self.modules():
-            if isinstance(m, (CpuKernels, Int8Linear)):
+            if isinstance(m, (CpuKernels, Int8Linear, Int8Experts)):
                 m.set_cpu_kernel(kernel)
             elif isinstance(m, NomicMoEAttention):
                 m.cpu_kernel = kernel

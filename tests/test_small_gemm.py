@@ -450,6 +450,13 @@ def test_grouped_products_are_the_per_expert_products(kernel, dtype):
             kernel.linear_grouped(xs, bad, packs)
     with pytest.raises(ValueError, match="one shape"):
         kernel.linear_grouped(xs, [0, 10, 29], [packs[0], kernel.pack(torch.randn(n + 1, k).to(dtype))])
+    group = kernel.group(packs)  # the addresses gathered once: the same call, the same bits
+    assert len(group) == E and group[2] is packs[2] and list(group) == packs
+    assert torch.equal(kernel.linear_grouped(xs, BOUNDS, group), got)
+    with pytest.raises(ValueError, match="do not split"):
+        kernel.linear_grouped(xs, BOUNDS[:-1], group)
+    with pytest.raises(ValueError, match="PackedInt8"):
+        kernel.linear_int8_grouped(xs.float(), BOUNDS, group)  # a float group on the int8 call
 
 
 def test_int8_grouped_products_are_the_per_token_products(kernel):
@@ -462,11 +469,15 @@ def test_int8_grouped_products_are_the_per_token_products(kernel):
     qs = [quantize_weight(torch.randn(n, k, generator=g) * k**-0.5) for _ in range(E)]
     ws = [(q.int_repr().contiguous(), q.q_per_channel_scales().float()) for q in qs]
     xs = torch.randn(BOUNDS[-1], k, generator=g) * 3
-    got = kernel.linear_int8_grouped(xs, BOUNDS, [kernel.pack_int8(wq, s) for wq, s in ws])
+    packs = [kernel.pack_int8(wq, s) for wq, s in ws]
+    got = kernel.linear_int8_grouped(xs, BOUNDS, packs)
     for e in range(E):
         lo, hi = BOUNDS[e], BOUNDS[e + 1]
         if hi > lo:
             assert torch.equal(got[lo:hi], int8_matmul_per_token(xs[lo:hi], *ws[e], None))
+    assert torch.equal(kernel.linear_int8_grouped(xs, BOUNDS, kernel.group(packs)), got)
+    with pytest.raises(ValueError, match="one shape"):
+        kernel.group([packs[0], kernel.pack(torch.randn(n, k))])  # int8 and fp32 packs do not mix
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
@@ -489,6 +500,32 @@ def test_model_gives_the_same_vectors_grouped_or_per_expert(kernel, models, dtyp
             out[type(spy).__name__] = model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert grouped.grouped > 0  # the layers' experts took the grouped call, and the vectors did not move
     assert torch.equal(*out.values())
+
+
+def test_int8_expert_groups_are_made_once_per_kernel(kernel, models):
+    """The grouped calls' copies (the kernel's Groups) are made at the first forward pass, kept for the
+    next ones, and dropped when the model is given another kernel."""
+    from nomic_moe_kernels.small_gemm import Group
+
+    if not kernel.int8:
+        pytest.skip("this CPU has no AVX512_VNNI")
+    model, _, cfg = models("8x2")
+    model = copy.deepcopy(model)
+    model.set_cpu_kernel(kernel)
+    model.quantize_int8(activations="per_token")
+    experts = [layer.mlp.experts.int8 for layer in model.encoder.layers if layer.is_moe]
+    ids, mask = random_batch([5, 17, 3, 9], cfg["vocab_size"], seed=8)
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        made = [ex._groups.value for ex in experts]
+        assert all(m is not None and m[0] is kernel and isinstance(m[1], Group) and isinstance(m[2], Group) for m in made)
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, first)
+        assert all(ex._groups.value is m for ex, m in zip(experts, made))  # kept, not rebuilt
+        spy = Int8Grouped(kernel)  # no group(): lists
+        model.set_cpu_kernel(spy)
+        assert all(ex._groups.value is None for ex in experts)  # dropped with the old kernel
+        model(input_ids=ids, attention_mask=mask)  # (the spy has no attention kernel: torch's, other last bits)
+        assert spy.grouped > 0 and all(isinstance(ex._groups.value[1], list) for ex in experts)
 
 
 class Int8Routed(Int8Grouped):
