@@ -18,23 +18,9 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#include "vec_math.h"  // exp_le0: e^x for the scores less their row's maximum
 
 int nm_has_attention(void) { return 1; }
-
-// e^x for x <= 0 (scores less their row's maximum), 16 at a time: x = n ln2 + r with |r| <= ln2/2,
-// e^r by its Taylor series to r^7 (truncation below 1e-8 relative there), scaled by 2^n (vscalefps).
-// Clamped at -87, where e^x is 1.6e-38: against a row sum of at least 1 that is zero.
-static inline __m512 exp_le0(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts: r exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  static const float c[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
-  for (int i = 0; i < 7; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
-  return _mm512_scalef_ps(p, n);
-}
 
 #define MAXD 128  // head sizes up to this (multiples of 16): the output row stays in registers
 

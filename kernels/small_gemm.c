@@ -22,6 +22,7 @@
 #if defined(__AVX512BF16__) || defined(__AVX512VNNI__)
 #include <immintrin.h>
 #endif
+#include "vec_math.h"  // gelu_ps: the int8 down products' GELU on the way in
 
 #if defined(__AVX512F__)
 #define VW 16 /* floats per vector register */
@@ -357,10 +358,22 @@ static inline __attribute__((always_inline)) void tile_s8(
 }
 
 // One row quantized as quantize_rows in int8_nomic_moe.py (symmetric s8, scale max|x|/127, round half
-// to even), stored shifted to u8 (+128) for vpdpbusd's unsigned operand.
-static void quantize_row(const float *row, int64_t K, uint8_t *q, float *scale_out) {
+// to even), stored shifted to u8 (+128) for vpdpbusd's unsigned operand. With `g` (K floats of the
+// thread's), the row is GELU'd first, into g: the down product of an MLP takes its input as the up
+// product left it, without a pass of F.gelu over memory in between (gelu_ps, vec_math.h: within 1.5e-6
+// of F.gelu, so a value moves to the next int8 step only where it lay within that of a half step).
+static void quantize_row(const float *row, int64_t K, float *g, uint8_t *q, float *scale_out) {
   __m512 vmax = _mm512_setzero_ps();  // max |x| in vectors: the order of a max does not change it
   int64_t k = 0;
+  if (g) {
+    for (; k < K; k += VW) {
+      __mmask16 live = K - k >= VW ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+      __m512 v = gelu_ps(_mm512_maskz_loadu_ps(live, row + k));
+      _mm512_mask_storeu_ps(g + k, live, v);
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));  // masked lanes are gelu(0) = 0
+    }
+    row = g;
+  }
   for (; k + VW <= K; k += VW) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
   float amax = _mm512_reduce_max_ps(vmax);
   for (; k < K; k++) {  // not fmaxf: its NaN rule keeps it a scalar call per element
@@ -393,20 +406,28 @@ static void panel_s8(const uint8_t *xq, int64_t K, int64_t M, const int8_t *pane
 // As nm_grouped_f32, in int8: y [M, N] fp32 = (x quantized per row: symmetric s8, scale max|x|/127)
 // @ (s8 W, scale per column).T (+ bias): the integer sums of torch._int_mm on the same s8 numbers.
 // Every row is quantized once (rows split between the threads), then each expert's rows go against
-// its s8 panels (wps[e], colsums[e], wscales[e]). K must be a multiple of 4. Returns 0, or -1 where
-// the activations' buffer could not be had.
+// its s8 panels (wps[e], colsums[e], wscales[e]). K must be a multiple of 4. gelu: x is GELU'd on the
+// way in (see quantize_row). Returns 0, or -1 where the activations' buffer could not be had.
 int nm_grouped_s8(const float *x, int64_t ldx, int64_t K, int64_t E, const int64_t *bounds,
                   const int8_t *const *wps, const int32_t *const *colsums, const float *const *wscales,
-                  int64_t N, const float *bias, float *y, int64_t ldy, int nthreads) {
+                  int64_t N, const float *bias, float *y, int64_t ldy, int gelu, int nthreads) {
   int64_t M = bounds[E] - bounds[0];
   uint8_t *xq = malloc((size_t)(M * K));
   float *xscale = malloc((size_t)M * sizeof(float));
   if (!xq || !xscale) { free(xq); free(xscale); return -1; }
   int64_t panels = (N + NB - 1) / NB, first = bounds[0];
+  int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
+    float *g = gelu ? malloc((size_t)K * sizeof(float)) : 0;
+    if (gelu && !g) {
+#pragma omp atomic write
+      failed = 1;
+    }
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++) quantize_row(x + (first + m) * ldx, K, xq + m * K, xscale + m);
+    for (int64_t m = 0; m < M; m++)
+      if (!gelu || g) quantize_row(x + (first + m) * ldx, K, g, xq + m * K, xscale + m);
+    free(g);
     // (the loop's closing barrier: every row is quantized before any product reads one)
     for (int64_t e = 0; e < E; e++) {
       int64_t lo = bounds[e] - first, rows = bounds[e + 1] - bounds[e];
@@ -420,13 +441,21 @@ int nm_grouped_s8(const float *x, int64_t ldx, int64_t K, int64_t E, const int64
   }
   free(xq);
   free(xscale);
-  return 0;
+  return failed ? -1 : 0;
+}
+
+// y[i] = gelu_ps(x[i]): the int8 calls' GELU alone, for the tests to hold it to F.gelu.
+void nm_gelu_f32(const float *x, int64_t n, float *y) {
+  for (int64_t i = 0; i < n; i += VW) {
+    __mmask16 live = n - i >= VW ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(y + i, live, gelu_ps(_mm512_maskz_loadu_ps(live, x + i)));
+  }
 }
 
 int nm_linear_s8(const float *x, int64_t ldx, int64_t M, int64_t K, const int8_t *wp, const int32_t *colsum,
-                 const float *wscale, int64_t N, const float *bias, float *y, int64_t ldy, int nthreads) {
+                 const float *wscale, int64_t N, const float *bias, float *y, int64_t ldy, int gelu, int nthreads) {
   int64_t bounds[2] = {0, M};
-  return nm_grouped_s8(x, ldx, K, 1, bounds, &wp, &colsum, &wscale, N, bias, y, ldy, nthreads);
+  return nm_grouped_s8(x, ldx, K, 1, bounds, &wp, &colsum, &wscale, N, bias, y, ldy, gelu, nthreads);
 }
 #else
 int nm_has_int8(void) { return 0; }  // int8 keeps torch's kernels (FBGEMM, oneDNN)

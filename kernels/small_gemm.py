@@ -40,6 +40,7 @@ from typing import Optional, Tuple
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("small_gemm.c", "short_attention.c")]  # one library
+HEADERS = [Path(__file__).with_name("vec_math.h")]  # included by both: part of the build's key
 
 # Rows per call up to which the kernel is used. Measured on the AVX-512 VMs (one MoE layer's
 # experts, cold weights; RESULTS.md "CPU: a few-row kernel of our own"): fp32 1.35x oneDNN's packed
@@ -191,11 +192,18 @@ class SmallGemm:
         self.int8 = bool(lib.nm_has_int8())  # AVX512_VNNI: u8 x s8 dot products
         if self.int8:
             self._s8 = lib.nm_linear_s8
-            self._s8.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
+            self._s8.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int, ctypes.c_int]
             self._s8.restype = ctypes.c_int
             self._grouped_s8 = lib.nm_grouped_s8
-            self._grouped_s8.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
+            self._grouped_s8.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int,
+                                         ctypes.c_int]
             self._grouped_s8.restype = ctypes.c_int
+        # the int8 calls take gelu=True: F.gelu of x on the way in, an MLP's down product without a
+        # GELU pass between the two (within 1.5e-6 of F.gelu before quantizing; see quantize_row)
+        self.fuses_gelu_int8 = self.int8
+        if self.int8:
+            self._gelu = lib.nm_gelu_f32
+            self._gelu.argtypes, self._gelu.restype = [_PTR, _I64, _PTR], None
         self.attention_ok = bool(lib.nm_has_attention())  # AVX-512: RoPE + softmax attention in one call
         self._attention = lib.nm_attention
         self._attention.argtypes = [_PTR, _I64, ctypes.c_int, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_float, _PTR,
@@ -286,12 +294,13 @@ class SmallGemm:
                                     None, y.data_ptr(), group.n, torch.get_num_threads())
         return y
 
-    def linear_int8_grouped(self, xs: torch.Tensor, bounds, packs) -> torch.Tensor:
-        """As linear_grouped, with PackedInt8 weights (or their Group): linear_int8 of each expert's rows, in one call."""
+    def linear_int8_grouped(self, xs: torch.Tensor, bounds, packs, gelu: bool = False) -> torch.Tensor:
+        """As linear_grouped, with PackedInt8 weights (or their Group): linear_int8 of each expert's rows
+        (of F.gelu(xs) with gelu=True, see linear_int8), in one call."""
         xs, y, c_bounds, group = self._groups(xs, bounds, packs, PackedInt8, torch.float32)
         if xs.shape[0]:
             status = self._grouped_s8(xs.data_ptr(), xs.stride(0), group.k, len(group), c_bounds, *group.arrays, group.n,
-                                      None, y.data_ptr(), group.n, torch.get_num_threads())
+                                      None, y.data_ptr(), group.n, bool(gelu), torch.get_num_threads())
             if status != 0:
                 raise MemoryError(f"the int8 kernel could not allocate {xs.shape[0] * packs[0].k} bytes for its activations")
         return y
@@ -378,15 +387,28 @@ class SmallGemm:
         scales[:n] = scale.float()
         return PackedInt8(panels, padded.sum(1, dtype=torch.int32), scales, n, k)
 
-    def linear_int8(self, x: torch.Tensor, packed: PackedInt8, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [M, k] fp32 -> [M, n] fp32: int8_matmul_per_token's math (int8_nomic_moe.py), the same s32 sums."""
+    def gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """The GELU the int8 calls take with gelu=True, alone (fp32; for the tests)."""
+        if not self.fuses_gelu_int8 or x.dtype != torch.float32:
+            raise ValueError(f"the kernel's GELU is part of its int8 calls (AVX512_VNNI: {'yes' if self.int8 else 'no'}) "
+                             f"and takes fp32, not {x.dtype}")
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        self._gelu(x.data_ptr(), x.numel(), y.data_ptr())
+        return y
+
+    def linear_int8(self, x: torch.Tensor, packed: PackedInt8, bias: Optional[torch.Tensor] = None,
+                    gelu: bool = False) -> torch.Tensor:
+        """x [M, k] fp32 -> [M, n] fp32: int8_matmul_per_token's math (int8_nomic_moe.py), the same s32 sums.
+        gelu=True: of F.gelu(x), the GELU taken as each row is quantized (gelu_ps in vec_math.h, within
+        1.5e-6 of F.gelu: the same s8 numbers except where a value lay that close to a half step)."""
         x, y = self._rows(x, packed, torch.float32)
         if x.shape[0] == 0:
             return y
         bias = _vector(bias, torch.float32, packed.n)
         status = self._s8(x.data_ptr(), x.stride(0), x.shape[0], packed.k, packed.panels.data_ptr(), packed.colsum.data_ptr(),
                           packed.scale.data_ptr(), packed.n, None if bias is None else bias.data_ptr(), y.data_ptr(),
-                          packed.n, torch.get_num_threads())
+                          packed.n, bool(gelu), torch.get_num_threads())
         if status != 0:
             raise MemoryError(f"the int8 kernel could not allocate {x.shape[0] * packed.k} bytes for its activations")
         return y
@@ -443,7 +465,7 @@ def _key(cc: str, flags) -> str:
     from nomic_moe_modeling.cpu_nomic_moe import cpu_flags
 
     h = hashlib.sha256()
-    for part in (*(f.read_bytes() for f in SOURCES), version.encode(), " ".join(flags).encode(), " ".join(sorted(cpu_flags())).encode()):
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), version.encode(), " ".join(flags).encode(), " ".join(sorted(cpu_flags())).encode()):
         h.update(part)
     return h.hexdigest()[:16]
 

@@ -393,10 +393,23 @@ def test_int8_product_has_the_per_token_sums(kernel, rows, k, n, with_bias):
         assert torch.equal(zero, int8_matmul_per_token(torch.zeros(2, k), wq, scale, b))
 
 
+class WithoutGeluFusion:
+    """The kernel as it is, except that its int8 calls are not asked to take the GELU themselves."""
+
+    fuses_gelu_int8 = False
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 def test_int8_model_takes_the_kernel_and_keeps_its_numbers(kernel, ckpts):
     """quantize_int8 hands the model's kernel to the int8 matrices it makes; per_token activations
     through the kernel give the vectors of torch._int_mm's path, exactly (a last-bit difference would
-    be amplified by the next layer's int8 rounding)."""
+    be amplified by the next layer's int8 rounding) with F.gelu between the products, and within int8's
+    own noise with the GELU inside the down products' calls."""
     from nomic_moe_inference.loading import int8_activations
     from nomic_moe_modeling.int8_nomic_moe import Int8Experts, Int8Linear
     from nomic_moe_modeling.modeling_nomic_moe import NomicMoEModel
@@ -412,6 +425,8 @@ def test_int8_model_takes_the_kernel_and_keeps_its_numbers(kernel, ckpts):
     assert int8s and all(m.cpu_kernel is kernel for m in int8s)
     ids, mask = random_batch([7, 19, 3], model.config.vocab_size, seed=4)
     with torch.no_grad():
+        fused = model(input_ids=ids, attention_mask=mask, return_sentence_embedding=True).sentence_embedding
+        model.set_cpu_kernel(WithoutGeluFusion(kernel))
         fast = model(input_ids=ids, attention_mask=mask, return_sentence_embedding=True).sentence_embedding
         in_experts = {id(m) for ex in model.modules() if isinstance(ex, Int8Experts) for m in (*ex.ups, *ex.downs)}
         # every attention and dense product took the kernel at these sizes, and so did every expert that was chosen
@@ -423,6 +438,7 @@ def test_int8_model_takes_the_kernel_and_keeps_its_numbers(kernel, ckpts):
                 m.cpu_kernel = kernel
         slow = model(input_ids=ids, attention_mask=mask, return_sentence_embedding=True).sentence_embedding
     assert torch.equal(fast, slow)
+    assert F.cosine_similarity(fused, slow).min() > 0.99999
     plain = NomicMoEModel.from_pretrained(folder).eval()
     assert int8_activations(plain) == "per_batch"  # no kernel: FBGEMM's per-batch kernel stays the default
 
@@ -457,6 +473,36 @@ def test_grouped_products_are_the_per_expert_products(kernel, dtype):
         kernel.linear_grouped(xs, BOUNDS[:-1], group)
     with pytest.raises(ValueError, match="PackedInt8"):
         kernel.linear_int8_grouped(xs.float(), BOUNDS, group)  # a float group on the int8 call
+
+
+def test_int8_gelu_is_torchs_gelu(kernel):
+    """The GELU the int8 calls take on the way in (gelu=True) against F.gelu, over the range a hidden
+    activation takes and past it, and the products with it against F.gelu then the product."""
+    from nomic_moe_modeling.int8_nomic_moe import int8_matmul_per_token, quantize_weight
+
+    if not kernel.int8:
+        pytest.skip("this CPU has no AVX512_VNNI")
+    x = torch.cat([torch.linspace(-12, 12, 240_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 100.0, -100.0])])
+    err = (kernel.gelu(x) - F.gelu(x)).abs()
+    assert err.max() < 1.5e-6
+    pos = x > 0
+    assert (err[pos] / F.gelu(x[pos])).max() < 1e-6
+    assert kernel.gelu(x[:7]).shape == (7,)  # a length that is not a multiple of 16
+    with pytest.raises(ValueError, match="fp32"):
+        kernel.gelu(x.double())
+    g = torch.Generator().manual_seed(13)
+    k, n = 100, 40  # k not a multiple of 16: the masked tail
+    q = quantize_weight(torch.randn(n, k, generator=g) * k**-0.5)
+    wq, s = q.int_repr().contiguous(), q.q_per_channel_scales().float()
+    xs = torch.randn(BOUNDS[-1], k, generator=g) * 3
+    bias = torch.randn(n, generator=g)
+    packed = kernel.pack_int8(wq, s)
+    want = int8_matmul_per_token(F.gelu(xs), wq, s, bias)
+    got = kernel.linear_int8(xs, packed, bias, gelu=True)
+    # the same s8 numbers unless an input lay within 1.5e-6 of a half step: then one step, one weight's worth
+    assert (got == want).float().mean() > 0.99 and (got - want).abs().max() < 0.05
+    grouped = kernel.linear_int8_grouped(xs, BOUNDS, [packed] * (len(BOUNDS) - 1), gelu=True)
+    assert torch.equal(grouped, kernel.linear_int8(xs, packed, None, gelu=True))  # one row at a time either way
 
 
 def test_int8_grouped_products_are_the_per_token_products(kernel):

@@ -1,0 +1,43 @@
+// Vector math shared by the kernels (AVX-512, 16 floats at a time), each written for its callers'
+// ranges and accuracy: short_attention.c's softmax and small_gemm.c's int8 GELU.
+#ifndef NM_VEC_MATH_H
+#define NM_VEC_MATH_H
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+// e^x for x <= 0 (scores less their row's maximum, -z^2), 16 at a time: x = n ln2 + r with
+// |r| <= ln2/2, e^r by its Taylor series to r^7 (truncation below 1e-8 relative there), scaled by 2^n
+// (vscalefps). Clamped at -87, where e^x is 1.6e-38: against a row sum of at least 1 that is zero.
+static inline __m512 exp_le0(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts: r exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  static const float c[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  for (int i = 0; i < 7; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
+  return _mm512_scalef_ps(p, n);
+}
+
+// GELU (the erf form, F.gelu's default): 0.5 x (1 + erf(x / sqrt 2)), with erf by Abramowitz and
+// Stegun 7.1.26 (absolute error below 1.5e-7). For z = x / sqrt 2 < 0, 1 + erf(z) is taken as
+// q = poly(t) e^(-z^2) itself, not 1 - (1 - q): no cancellation in the negative tail. Against F.gelu:
+// absolute error below 1.5e-6 for |x| <= 12 (6e-7 relative for x >= 0), far under an int8 step of
+// the rows it feeds (its only caller; tests/test_small_gemm.py measures it).
+static inline __m512 gelu_ps(__m512 x) {
+  __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+  __m512 a = _mm512_abs_ps(z);
+  __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  __m512 q = _mm512_mul_ps(_mm512_mul_ps(p, t), exp_le0(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a)));
+  __mmask16 neg = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+  __m512 one_plus_erf = _mm512_mask_mov_ps(_mm512_sub_ps(_mm512_set1_ps(2.0f), q), neg, q);
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), one_plus_erf);
+}
+#endif
+#endif
