@@ -45,23 +45,36 @@ static inline __mmask16 real_keys(int64_t j, int64_t L) {  // which of keys j..j
   return j + 16 <= L ? (__mmask16)0xFFFF : j >= L ? 0 : (__mmask16)((1u << (L - j)) - 1);
 }
 
-// Scores of queries Q[0..QB) (rows of D) against keys j..j+63 (Kt zero beyond L): QB x 4 independent sums.
-#define QB 4
-static inline void scores_block(const float *Q, int64_t D, const float *Kt, int64_t Lp, int64_t j, float *S) {
+#define QB 4  // queries a block
+
+// Scores of queries Q[0..QB) (rows of D) against keys j..j+16*nc-1 (Kt zero beyond L), nc <= 4 vectors
+// of 16 keys: QB x nc independent sums. nc is a constant once inlined into scores_block's switch.
+static inline __attribute__((always_inline)) void scores_nc(const float *Q, int64_t D, const float *Kt, int64_t Lp,
+                                                            int64_t j, float *S, const int nc) {
   __m512 a[QB][4];
   for (int r = 0; r < QB; r++)
-    for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
+    for (int c = 0; c < nc; c++) a[r][c] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d++) {
     const float *k = Kt + d * Lp + j;
     __m512 kc[4];
-    for (int c = 0; c < 4; c++) kc[c] = _mm512_loadu_ps(k + 16 * c);
+    for (int c = 0; c < nc; c++) kc[c] = _mm512_loadu_ps(k + 16 * c);
     for (int r = 0; r < QB; r++) {
       __m512 x = _mm512_set1_ps(Q[r * D + d]);
-      for (int c = 0; c < 4; c++) a[r][c] = _mm512_fmadd_ps(x, kc[c], a[r][c]);
+      for (int c = 0; c < nc; c++) a[r][c] = _mm512_fmadd_ps(x, kc[c], a[r][c]);
     }
   }
   for (int r = 0; r < QB; r++)
-    for (int c = 0; c < 4; c++) _mm512_storeu_ps(S + r * Lp + j + 16 * c, a[r][c]);
+    for (int c = 0; c < nc; c++) _mm512_storeu_ps(S + r * Lp + j + 16 * c, a[r][c]);
+}
+
+// The keys in blocks of 64 and the rest in 16s: a 32-token text computes 32 keys' scores, not 64.
+static void scores_block(const float *Q, int64_t D, const float *Kt, int64_t Lp, int64_t j, float *S) {
+  switch (Lp - j >= 64 ? 4 : (int)(Lp - j) / 16) {
+    case 4: scores_nc(Q, D, Kt, Lp, j, S, 4); break;
+    case 3: scores_nc(Q, D, Kt, Lp, j, S, 3); break;
+    case 2: scores_nc(Q, D, Kt, Lp, j, S, 2); break;
+    case 1: scores_nc(Q, D, Kt, Lp, j, S, 1); break;
+  }
 }
 
 // Row S[0..L) of scores -> softmax weights in place (zeros up to Lp); returns 1 / their sum.
@@ -92,11 +105,11 @@ static inline void store_row(__m512 *o, int64_t nv, float inv, int bf16, char *o
   }
 }
 
-// One text's tokens [lo, lo+L), one head. buf: the thread's scratch, 3*Lp*D + QB*Lp floats (Lp: L up to 64s).
+// One text's tokens [lo, lo+L), one head. buf: the thread's scratch, 3*Lp*D + QB*Lp floats (Lp: L up to 16s).
 static void attend_head(const char *qkv, int64_t ldq_bytes, int bf16, int64_t h, int64_t hd, int64_t D,
                         int64_t lo, int64_t L, const float *cos, const float *sin, float scale,
                         char *ctx, int64_t ldc_bytes, float *buf) {
-  const int64_t Lp = (L + 63) & ~(int64_t)63, es = bf16 ? 2 : 4, hD = h * D, nv = D / 16;
+  const int64_t Lp = (L + 15) & ~(int64_t)15, es = bf16 ? 2 : 4, hD = h * D, nv = D / 16;
   float *Q = buf, *Kt = Q + Lp * D, *V = Kt + Lp * D, *S = V + Lp * D;  // Q [Lp][D], Kt [D][Lp], V [L][D], S [QB][Lp]
   float row[MAXD];
   for (int64_t t = 0; t < L; t++) {
@@ -145,27 +158,37 @@ static inline uint32_t bf16_bits(float f) {  // round to nearest even
 }
 static inline uint32_t bf16_pair(float lo, float hi) { return bf16_bits(lo) | bf16_bits(hi) << 16; }
 
-static inline void scores_block_bf16(const uint32_t *Q2, int64_t D2, const uint32_t *Kt2, int64_t Lp, int64_t j,
-                                     float scale, float *S) {
+static inline __attribute__((always_inline)) void scores_nc_bf16(const uint32_t *Q2, int64_t D2, const uint32_t *Kt2,
+                                                                 int64_t Lp, int64_t j, float scale, float *S, const int nc) {
   __m512 a[QB][4];
   for (int r = 0; r < QB; r++)
-    for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
+    for (int c = 0; c < nc; c++) a[r][c] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D2; d++) {
     const uint32_t *k = Kt2 + d * Lp + j;
     __m512bh kc[4];
-    for (int c = 0; c < 4; c++) kc[c] = (__m512bh)_mm512_loadu_si512(k + 16 * c);
+    for (int c = 0; c < nc; c++) kc[c] = (__m512bh)_mm512_loadu_si512(k + 16 * c);
     for (int r = 0; r < QB; r++) {
       __m512bh x = (__m512bh)_mm512_set1_epi32((int)Q2[r * D2 + d]);
-      for (int c = 0; c < 4; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], x, kc[c]);
+      for (int c = 0; c < nc; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], x, kc[c]);
     }
   }
   for (int r = 0; r < QB; r++)
-    for (int c = 0; c < 4; c++) _mm512_storeu_ps(S + r * Lp + j + 16 * c, _mm512_mul_ps(a[r][c], _mm512_set1_ps(scale)));
+    for (int c = 0; c < nc; c++) _mm512_storeu_ps(S + r * Lp + j + 16 * c, _mm512_mul_ps(a[r][c], _mm512_set1_ps(scale)));
+}
+
+static void scores_block_bf16(const uint32_t *Q2, int64_t D2, const uint32_t *Kt2, int64_t Lp, int64_t j, float scale,
+                              float *S) {
+  switch (Lp - j >= 64 ? 4 : (int)(Lp - j) / 16) {
+    case 4: scores_nc_bf16(Q2, D2, Kt2, Lp, j, scale, S, 4); break;
+    case 3: scores_nc_bf16(Q2, D2, Kt2, Lp, j, scale, S, 3); break;
+    case 2: scores_nc_bf16(Q2, D2, Kt2, Lp, j, scale, S, 2); break;
+    case 1: scores_nc_bf16(Q2, D2, Kt2, Lp, j, scale, S, 1); break;
+  }
 }
 
 static void attend_head_bf16(const char *qkv, int64_t ldq_bytes, int64_t h, int64_t hd, int64_t D, int64_t lo, int64_t L,
                              const float *cos, const float *sin, float scale, char *ctx, int64_t ldc_bytes, float *buf) {
-  const int64_t Lp = (L + 63) & ~(int64_t)63, hD = h * D, nv = D / 16, D2 = D / 2, Lq = (L + QB - 1) / QB * QB;
+  const int64_t Lp = (L + 15) & ~(int64_t)15, hD = h * D, nv = D / 16, D2 = D / 2, Lq = (L + QB - 1) / QB * QB;
   uint32_t *Q2 = (uint32_t *)buf, *Kt2 = Q2 + Lp * D2, *V2 = Kt2 + D2 * Lp, *P2 = V2 + Lp / 2 * D;
   float *S = (float *)(P2 + QB * Lp / 2);
   float q[MAXD], k[MAXD];
