@@ -212,7 +212,7 @@ def rope_then_attention(qkv, lengths, dtype):
 def test_attention_kernel_is_rope_then_sdpa_per_text(kernel, heads, D):
     if not kernel.attention_ok:
         pytest.skip("the attention kernel needs AVX-512")
-    lengths = [1, 5, 17, 40, 2]  # one token, tails of every size against the 16- and 64-wide blocks
+    lengths = [1, 5, 17, 40, 2, 70]  # one token, tails of every size against the 16- and 64-wide blocks
     g = torch.Generator().manual_seed(heads * D)
     qkv = torch.randn(sum(lengths), 3, heads, D, generator=g) * 2  # scores of std ~4: peaked softmax rows
     ref, packing = rope_then_attention(qkv, lengths, torch.float32)
