@@ -2,8 +2,11 @@
 the whole model against the plain reference of SPEC §2."""
 
 import copy
+import json
 import pickle
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,6 +27,15 @@ def kernel():
         pytest.skip(f"no C compiler here: {small_gemm.why_unavailable()}")
     assert k is not None, f"a C compiler is here, yet the kernel did not build: {small_gemm.why_unavailable()}"
     return k
+
+
+def test_doctor_reports_what_the_kernel_does(kernel):
+    """`nomic-moe doctor --json` on this CPU: the kernel's dtypes, attention and the int8 GELU."""
+    r = subprocess.run([sys.executable, "-m", "nomic_moe_cli", "doctor", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    fk = json.loads(r.stdout)["cpu"]["few_row_kernel"]
+    assert fk["available"] and fk["attention"] == kernel.attention_ok and fk["int8_gelu"] == kernel.int8
+    assert ("int8" in fk["dtypes"]) == kernel.int8
 
 
 class Counting:
