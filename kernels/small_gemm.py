@@ -75,6 +75,8 @@ class PackedInt8:
 
 
 _PTR = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_ARGS = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
 
 
 class Group:
@@ -99,8 +101,6 @@ class Group:
 
     def __iter__(self):
         return iter(self.packs)
-_I64 = ctypes.c_int64
-_ARGS = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
 
 
 class Arena:
@@ -389,7 +389,7 @@ class SmallGemm:
 
     def gelu(self, x: torch.Tensor) -> torch.Tensor:
         """The GELU the int8 calls take with gelu=True, alone (fp32; for the tests)."""
-        if not self.fuses_gelu_int8 or x.dtype != torch.float32:
+        if not self.int8 or x.dtype != torch.float32:
             raise ValueError(f"the kernel's GELU is part of its int8 calls (AVX512_VNNI: {'yes' if self.int8 else 'no'}) "
                              f"and takes fp32, not {x.dtype}")
         x = x.contiguous()
