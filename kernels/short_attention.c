@@ -42,7 +42,7 @@ static void rope_row(const void *src, int bf16, int64_t D, const float *cos, con
 }
 
 static inline __mmask16 real_keys(int64_t j, int64_t L) {  // which of keys j..j+15 exist
-  return j + 16 <= L ? (__mmask16)0xFFFF : j >= L ? 0 : (__mmask16)((1u << (L - j)) - 1);
+  return first_lanes(L - j);
 }
 
 #define QB 4  // queries a block

@@ -87,6 +87,14 @@ static inline __attribute__((always_inline)) void tile_f32(
   }
 }
 
+// Where tile m0 of M rows starts prefetching the next panel of K rows (elements into it, -1: the
+// first tile, which reads its own panel from memory), and wmul, its share of the panel per k (see below).
+static inline int64_t warm_share(int64_t M, int64_t m0, int64_t K, int64_t *wmul) {
+  int64_t tiles = (M + MT - 1) / MT, j = m0 / MT;
+  *wmul = tiles > 1 ? 65536 / (tiles - 1) : 0;
+  return j >= 1 ? (j - 1) * (K * NB / (tiles - 1)) : -1;
+}
+
 // All M rows against one panel, MT rows at a time. A panel re-read for the next tile comes from
 // cache, so memory would idle: the tiles after the first prefetch the next panel (`next`) into L2,
 // each its share of it (`wmul` = 1/(tiles-1) in 16-bit fixed point). Prefetching it all during the
@@ -97,9 +105,8 @@ static void panel_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const f
   for (int64_t m0 = 0; m0 < M; m0 += MT) {
     const float *xm = x + m0 * ldx;
     float *ym = y + m0 * ldy;
-    int64_t tiles = (M + MT - 1) / MT, j = m0 / MT;
-    const float *warm = next && j >= 1 ? next + (j - 1) * (K * NB / (tiles - 1)) : 0;
-    int64_t wmul = tiles > 1 ? 65536 / (tiles - 1) : 0;
+    int64_t wmul, share = warm_share(M, m0, K, &wmul);
+    const float *warm = next && share >= 0 ? next + share : 0;
     switch (M - m0 >= MT ? MT : (int)(M - m0)) {
 #define CASE(n) case n: tile_f32(xm, ldx, n, K, panel, b, ym, ldy, ncols, warm, wmul); break;
       CASE(1) CASE(2) CASE(3) CASE(4)
@@ -261,9 +268,8 @@ static void panel_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, con
   for (int64_t m0 = 0; m0 < M; m0 += MT) {
     const uint16_t *xm = x + m0 * ldx;
     uint16_t *ym = y + m0 * ldy;
-    int64_t tiles = (M + MT - 1) / MT, j = m0 / MT;
-    const uint16_t *warm = next && j >= 1 ? next + (j - 1) * (K * NB / (tiles - 1)) : 0;
-    int64_t wmul = tiles > 1 ? 65536 / (tiles - 1) : 0;
+    int64_t wmul, share = warm_share(M, m0, K, &wmul);
+    const uint16_t *warm = next && share >= 0 ? next + share : 0;
     switch (M - m0 >= MT ? MT : (int)(M - m0)) {
 #define CASE(n) case n: tile_bf16(xm, ldx, n, K, panel, b, ym, ldy, ncols, warm, wmul); break;
       CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
@@ -306,8 +312,7 @@ __attribute__((noinline, optimize("fp-contract=off"))) static void epilogue_s8(
     const int32_t *sums, int mt, const int32_t *colsum, const float *xscale, const float *wscale, const float *bias,
     float *y, int64_t ldy, int ncols) {
   for (int h = 0; h * VW < ncols; h++) {  // 16 columns a vector; lanes past ncols are neither read nor written
-    int live = ncols - h * VW < VW ? ncols - h * VW : VW;
-    __mmask16 k = (__mmask16)((1u << live) - 1);
+    __mmask16 k = first_lanes(ncols - h * VW);
     // u8 = s8 + 128, so a sum holds 128 * (the column's weight sum) too: taken off exactly, in integers
     __m512i c128 = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(k, colsum + h * VW), 7);
     __m512 ws = _mm512_maskz_loadu_ps(k, wscale + h * VW), b = bias ? _mm512_maskz_loadu_ps(k, bias + h * VW) : _mm512_setzero_ps();
@@ -367,7 +372,7 @@ static void quantize_row(const float *row, int64_t K, float *g, uint8_t *q, floa
   int64_t k = 0;
   if (g) {
     for (; k < K; k += VW) {
-      __mmask16 live = K - k >= VW ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+      __mmask16 live = first_lanes(K - k);
       __m512 v = gelu_ps(_mm512_maskz_loadu_ps(live, row + k));
       _mm512_mask_storeu_ps(g + k, live, v);
       vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));  // masked lanes are gelu(0) = 0
@@ -391,9 +396,8 @@ static void panel_s8(const uint8_t *xq, int64_t K, int64_t M, const int8_t *pane
   for (int64_t m0 = 0; m0 < M; m0 += MT) {
     const uint8_t *xm = xq + m0 * K;
     float *ym = y + m0 * ldy;
-    int64_t tiles = (M + MT - 1) / MT, j = m0 / MT;
-    const int8_t *warm = next && j >= 1 ? next + (j - 1) * (K * NB / (tiles - 1)) : 0;
-    int64_t wmul = tiles > 1 ? 65536 / (tiles - 1) : 0;
+    int64_t wmul, share = warm_share(M, m0, K, &wmul);
+    const int8_t *warm = next && share >= 0 ? next + share : 0;
     const float *xs = xscale + m0;
     switch (M - m0 >= MT ? MT : (int)(M - m0)) {
 #define CASE(n) case n: tile_s8(xm, K, n, panel, colsum, xs, wscale, b, ym, ldy, ncols, warm, wmul); break;
@@ -447,7 +451,7 @@ int nm_grouped_s8(const float *x, int64_t ldx, int64_t K, int64_t E, const int64
 // y[i] = gelu_ps(x[i]): the int8 calls' GELU alone, for the tests to hold it to F.gelu.
 void nm_gelu_f32(const float *x, int64_t n, float *y) {
   for (int64_t i = 0; i < n; i += VW) {
-    __mmask16 live = n - i >= VW ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    __mmask16 live = first_lanes(n - i);
     _mm512_mask_storeu_ps(y + i, live, gelu_ps(_mm512_maskz_loadu_ps(live, x + i)));
   }
 }

@@ -3,7 +3,13 @@
 #ifndef NM_VEC_MATH_H
 #define NM_VEC_MATH_H
 #if defined(__AVX512F__)
+#include <stdint.h>
 #include <immintrin.h>
+
+// The mask of a vector's first n lanes (none for n <= 0, all 16 from n >= 16): a row's ragged tail.
+static inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
 
 // e^x for x <= 0 (scores less their row's maximum, -z^2), 16 at a time: x = n ln2 + r with
 // |r| <= ln2/2, e^r by its Taylor series to r^7 (truncation below 1e-8 relative there), scaled by 2^n

@@ -145,12 +145,16 @@ def pack_experts(w1, w2, pack=None):
     return [pack(w1[e]) for e in range(w1.shape[0])], [pack(w2[e].T) for e in range(w2.shape[0])]
 
 
-def pack_experts_for(kernel, w1, w2):
-    """pack_experts in ``kernel``'s layout, as the kernel's groups where it makes them (``group``:
-    the matrices' addresses gathered once for its grouped calls, not on every call)."""
-    ups, downs = pack_experts(w1, w2, pack=kernel.pack)
+def as_groups(kernel, ups, downs):
+    """An MoE layer's packed up and down matrices as ``kernel``'s groups where it makes them (``group``:
+    the matrices' addresses gathered once for its grouped calls, not on every call), else as they are."""
     group = getattr(kernel, "group", None)
     return (group(ups), group(downs)) if group is not None else (ups, downs)
+
+
+def pack_experts_for(kernel, w1, w2):
+    """pack_experts in ``kernel``'s layout, as its groups (as_groups)."""
+    return as_groups(kernel, *pack_experts(w1, w2, pack=kernel.pack))
 
 
 def pack_linear(w):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts_nomic_moe import PackCache
+from .experts_nomic_moe import PackCache, as_groups
 
 GROUPS = ("experts", "attention", "mlp")
 ACTIVATIONS = ("per_batch", "per_token")
@@ -127,15 +127,15 @@ class Int8Linear(nn.Module):
         if flat.dtype != torch.float32:
             flat = flat.float()
         kernel = self.cpu_kernel
-        if self.activations == "per_token" and kernel is not None and kernel.accepts(flat.shape[0], torch.int8):
-            if gelu_in and getattr(kernel, "fuses_gelu_int8", False):
-                y = kernel.linear_int8(flat, self.kernel_pack(), self._bias, gelu=True)
-            else:
-                y = kernel.linear_int8(F.gelu(flat) if gelu_in else flat, self.kernel_pack(), self._bias)
-            return y.view(*x.shape[:-1], self.out_features)
-        if gelu_in:
+        on_kernel = self.activations == "per_token" and kernel is not None and kernel.accepts(flat.shape[0], torch.int8)
+        fused = gelu_in and on_kernel and getattr(kernel, "fuses_gelu_int8", False)
+        if gelu_in and not fused:
             flat = F.gelu(flat)
-        if self.activations == "per_token":
+        if fused:
+            y = kernel.linear_int8(flat, self.kernel_pack(), self._bias, gelu=True)
+        elif on_kernel:
+            y = kernel.linear_int8(flat, self.kernel_pack(), self._bias)
+        elif self.activations == "per_token":
             y = int8_matmul_per_token(flat, self._wq, self._w_scale, self._bias)
         else:
             y = torch.ops.quantized.linear_dynamic(flat, self._packed, False)  # reduce_range=False: full u8 range
@@ -192,9 +192,6 @@ class Int8Experts(nn.Module):
         makes them (``group``: their addresses gathered once), else as lists; made once per kernel."""
         made = self._groups.value
         if made is None or made[0] is not kernel:
-            ups, downs = [m.kernel_pack() for m in self.ups], [m.kernel_pack() for m in self.downs]
-            group = getattr(kernel, "group", None)
-            if group is not None:
-                ups, downs = group(ups), group(downs)
+            ups, downs = as_groups(kernel, [m.kernel_pack() for m in self.ups], [m.kernel_pack() for m in self.downs])
             self._groups.value = made = (kernel, ups, downs)
         return made[1], made[2]
