@@ -432,8 +432,12 @@ int nm_grouped_s8(const float *x, int64_t ldx, int64_t K, int64_t E, const int64
     for (int64_t m = 0; m < M; m++)
       if (!gelu || g) quantize_row(x + (first + m) * ldx, K, g, xq + m * K, xscale + m);
     free(g);
-    // (the loop's closing barrier: every row is quantized before any product reads one)
-    for (int64_t e = 0; e < E; e++) {
+    // (the loop's closing barrier: every row is quantized before any product reads one, and every
+    // thread sees the same `failed`, so all skip the products together when a GELU buffer was missing)
+    int skip;
+#pragma omp atomic read
+    skip = failed;
+    for (int64_t e = 0; e < E && !skip; e++) {
       int64_t lo = bounds[e] - first, rows = bounds[e + 1] - bounds[e];
       if (rows <= 0) continue;
 #pragma omp for schedule(static) nowait
