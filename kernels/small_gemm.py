@@ -39,7 +39,9 @@ from typing import Optional, Tuple
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("small_gemm.c", "short_attention.c")]  # one library
+from .encoder_layers import LayerRunner
+
+SOURCES = [Path(__file__).with_name(name) for name in ("small_gemm.c", "short_attention.c", "encoder_layers.c")]  # one library
 HEADERS = [Path(__file__).with_name("vec_math.h")]  # included by both: part of the build's key
 
 # Rows per call up to which the kernel is used. Measured on the AVX-512 VMs (one MoE layer's
@@ -219,6 +221,7 @@ class SmallGemm:
         for fn in self._grouped.values():
             fn.argtypes, fn.restype = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int], None
         self._max_rows = {dtype: MAX_ROWS[dtype] for dtype in self.dtypes()}  # accepts(), asked before every product
+        self.layers = LayerRunner(lib, self) if lib.nm_has_layers() else None  # AVX-512: a model's layers in one call
 
     def dtypes(self):
         """What it computes: fp32, bf16 (AVX512_BF16) and int8 (per-token activations, AVX512_VNNI)."""
@@ -413,6 +416,12 @@ class SmallGemm:
             raise MemoryError(f"the int8 kernel could not allocate {x.shape[0] * packed.k} bytes for its activations")
         return y
 
+    def run_layers(self, model, x: torch.Tensor, packing, hooks: bool = True):
+        """Every layer of ``model`` (a NomicMoEModel whose modules hold this kernel) in one call:
+        (x after the last layer, expert counts [MoE layers, E]), or None where the call does not take
+        them (encoder_layers.py says when); NomicMoEModel.forward asks this before its own loop."""
+        return self.layers.run(model, x, packing, hooks) if self.layers is not None else None
+
     # a model holding the kernel is deep-copied (sentence-transformers) and pickled (Ray): the
     # copy shares the loaded library, and another process loads its own
     def __deepcopy__(self, memo):
@@ -499,7 +508,7 @@ def build(march: str = "native") -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise KernelUnavailable("compiling the kernels (small_gemm.c, short_attention.c) failed: " + " | ".join(errors))
+    raise KernelUnavailable("compiling the kernels (small_gemm.c, short_attention.c, encoder_layers.c) failed: " + " | ".join(errors))
 
 
 @functools.lru_cache(maxsize=None)

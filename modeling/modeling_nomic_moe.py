@@ -206,6 +206,11 @@ class NomicMoELinear(CpuKernels, nn.Linear):
                     return kernel.linear(x, packs.get(kernel.pack, self.weight), self.bias)
         return super().forward(x)
 
+    def kernel_pack(self):
+        """The weight in the caller's kernel's layout (``cpu_kernel``), made on first use and again
+        after the weight changes: the copy forward() uses."""
+        return self._kernel_pack.get(self.cpu_kernel.pack, self.weight)
+
     def _apply(self, fn, *args, **kwargs):
         self.clear_packs()  # moved or recast: the packed copies no longer match
         return super()._apply(fn, *args, **kwargs)
@@ -542,10 +547,14 @@ class NomicMoEExperts(CpuKernels, nn.Module):
             self.last_used = "int8"
             return dispatch_by_kernel(x, routing, kernel, self.int8.grouped, self.bias)
         self.last_used = "sorted (packed)"
-        w1, w2 = self.mlp.per_expert()
-        ups, downs = self._kernel_pack.get(functools.partial(pack_experts_for, kernel), w1, w2)
+        ups, downs = self.kernel_groups(kernel)
         return dispatch_by_kernel(x, routing, kernel, lambda xs, bounds: kernel.linear_grouped(
             F.gelu(kernel.linear_grouped(xs, bounds, ups)), bounds, downs), self.bias)
+
+    def kernel_groups(self, kernel):
+        """Every expert's up and down matrices in ``kernel``'s layout, as its groups (pack_experts_for),
+        made on first use and again after the weights change."""
+        return self._kernel_pack.get(functools.partial(pack_experts_for, kernel), *self.mlp.per_expert())
 
     def _apply(self, fn, *args, **kwargs):
         self.clear_packs()  # moved or recast: the packed copies no longer match
@@ -681,7 +690,9 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
     def set_cpu_kernel(self, kernel) -> None:
         """A CPU kernel for the linear and expert products it accepts (see NomicMoELinear), or None
         for oneDNN's packed weights only. With this package installed, the few-row kernel that makes
-        a short query faster on the CPU is ``nomic_moe_kernels.small_gemm.install(model)``."""
+        a short query faster on the CPU is ``nomic_moe_kernels.small_gemm.install(model)``. A kernel
+        with ``run_layers(model, x, packing)`` is first offered forward()'s layers: it returns (x after
+        the last layer, the expert counts of each MoE layer), or None where it does not take them."""
         self.cpu_kernel = kernel  # quantize_int8 hands it to the int8 matrices it makes
         for m in self.modules():
             if isinstance(m, (CpuKernels, Int8Linear, Int8Experts)):
@@ -780,7 +791,15 @@ class NomicMoEModel(NomicMoEPreTrainedModel):
 
         hidden_states = (packing.unpack(x),) if output_hidden_states else None
         routings = []
-        for layer in self.encoder.layers:
+        layers = self.encoder.layers
+        run_layers = getattr(getattr(self, "cpu_kernel", None), "run_layers", None)
+        if run_layers is not None and not (output_hidden_states or output_router_logits or exporting or self.training):
+            # a CPU kernel that runs every layer in one call where it takes these inputs (the same
+            # steps as the loop below; see set_cpu_kernel), else None and the loop runs them
+            done = run_layers(self, x, packing)
+            if done is not None:
+                x, layers = done[0], ()
+        for layer in layers:
             if self.gradient_checkpointing and self.training:
                 x, routing = torch.utils.checkpoint.checkpoint(layer, x, packing, use_reentrant=False)
             else:

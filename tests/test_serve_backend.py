@@ -72,3 +72,24 @@ def test_short_batches_through_the_graphs_path_match_the_model(ckpts):
     layers = sum(1 for _ in b.embed_steps(long))
     assert layers == len(b.model.encoder.layers)  # over the graphs' budget: stepped layer by layer
     np.testing.assert_allclose(b.embed(long), reference(b.model, long), atol=1e-5, rtol=0)
+
+
+def test_a_short_batch_runs_its_layers_in_one_kernel_call(ckpts):
+    """Where the CPU kernel runs every layer in one call (AVX-512), a short batch takes it: no steps to
+    preempt, the model's vectors, and the routing counts the metrics read come from the call."""
+    b = TorchBackend(ckpts.converted(), threads=1)
+    kernel = b.model.cpu_kernel if hasattr(b.model, "cpu_kernel") else None
+    one_call = kernel is not None and getattr(kernel, "layers", None) is not None
+    short = texts(np.random.default_rng(3), [9, 30, 4])
+    steps = b.embed_steps(short)
+    yields = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            vectors = done.value
+            break
+        yields += 1
+    assert yields == (0 if one_call else len(b.model.encoder.layers))
+    np.testing.assert_allclose(vectors, reference(b.model, short), atol=1e-5, rtol=0)
+    assert (b.expert_pairs.sum(1) == 2 * sum(map(len, short))).all()
