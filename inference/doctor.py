@@ -110,6 +110,7 @@ def cpu_report(isa: Optional[str], dtype: str) -> dict:
         out["few_row_kernel"] = ({"available": True, "dtypes": [dtype_name(d) for d in k.dtypes()],
                                   "max_rows": max(small_gemm.MAX_ROWS.values()), "library": str(k.path),
                                   "attention": k.attention_ok, "int8_gelu": k.fuses_gelu_int8,
+                                  "layers_in_one_call": k.layers is not None,
                                   "huge_pages": small_gemm.huge_page_mode()
                                   if k.arena.enabled else "off (NOMIC_MOE_HUGE_PAGES=0)"} if k else
                                  {"available": False, "why": small_gemm.why_unavailable()})
@@ -149,6 +150,9 @@ def print_report(r: dict) -> None:
                                    "attention: torch's RoPE and SDPA (the kernel's attention needs AVX-512)")
                   + f"; an MoE layer's routing in two kernel calls; packed weights in 2 MiB pages: THP {fk['huge_pages']}"
                   + ("; int8: the MLPs' GELU inside their down products" if fk.get("int8_gelu") else ""))
+            print("           " + ("a short input's encoder layers in one kernel call (forward without hooks, hidden states "
+                                   "or router logits)" if fk.get("layers_in_one_call") else
+                                   "the model's own loop over its layers (the one-call path needs AVX-512)"))
     print(f"dtype      {r['dtype']}")
     if fk and fk["available"] and fk["attention"] and r["device"].startswith("CPU"):
         print(f"attention  the few-row kernel's RoPE + attention per text (where it is installed; else "

@@ -39,9 +39,16 @@ class _Layer(ctypes.Structure):
 class _Plan:
     """The structs of one model's layers, with what they point into (kept alive here)."""
 
-    def __init__(self, key, layers, keep, moe_layers, experts):
+    def __init__(self, key, layers, keep, moe_layers, experts, modules):
         self.key, self.layers, self.keep = key, layers, keep
         self.moe_layers, self.experts = moe_layers, experts
+        self.modules = modules  # every module inside the layers (a swapped one changes the key: a new plan)
+
+    def hooked(self) -> bool:
+        """A hook on a module inside the layers (a server's routing counter, a user's probe) must see
+        its calls: then the model's loop runs."""
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules) or bool(
+            torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
 
 
 def _identity(part):
@@ -78,8 +85,8 @@ class LayerRunner:
                 or torch.is_grad_enabled() or torch.jit.is_tracing() \
                 or getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)():
             return None
-        plan = self._plan(model, dtype, hooks)
-        if plan is None:
+        plan = self._plan(model, dtype)
+        if plan is None or (hooks and plan.hooked()):
             return None
         x = x.contiguous().clone()  # worked on in place
         N, H = x.shape
@@ -98,8 +105,8 @@ class LayerRunner:
 
     # --- the plan: what each layer's struct points into ---
 
-    def _plan(self, model, dtype, hooks: bool) -> Optional[_Plan]:
-        parts = self._gather(model, dtype, hooks)
+    def _plan(self, model, dtype) -> Optional[_Plan]:
+        parts = self._gather(model, dtype)
         if parts is None:
             return None
         key = tuple(_identity(p) for layer in parts for p in layer)
@@ -109,7 +116,7 @@ class LayerRunner:
             self._plans[model] = plan
         return plan
 
-    def _gather(self, model, dtype, hooks: bool):
+    def _gather(self, model, dtype):
         """Each layer's packed matrices and float parameters, in _build's order, or None where a
         layer has a step the kernel does not take."""
         config = model.config
@@ -118,8 +125,6 @@ class LayerRunner:
             return None
         parts = []
         for layer in model.encoder.layers:
-            if hooks and self._hooked(layer):
-                return None
             attn, mlp = layer.attn, layer.mlp
             got = [self._matrix(attn.Wqkv, dtype), self._matrix(attn.out_proj, dtype)]
             if layer.is_moe:
@@ -135,13 +140,6 @@ class LayerRunner:
                 return None
             parts.append(got)
         return parts
-
-    @staticmethod
-    def _hooked(layer) -> bool:
-        """A hook on any module of the layer (a server's routing counter, a user's probe) must see its
-        calls: then the model's loop runs."""
-        return any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()) or bool(
-            torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
 
     def _matrix(self, m, dtype):
         """An attention or dense-MLP matrix as the kernel runs it: (pack, bias) or None."""
@@ -219,4 +217,5 @@ class LayerRunner:
                 s.experts, s.up, s.down = 0, mats(got[2]), mats(got[3])
             structs.append(s)
         layers = (_Layer * len(structs))(*structs)
-        return _Plan(key, layers, (keep, parts), moe_layers, config.num_experts)
+        modules = tuple(m for layer in model.encoder.layers for m in layer.modules())
+        return _Plan(key, layers, (keep, parts), moe_layers, config.num_experts, modules)

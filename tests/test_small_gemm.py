@@ -35,6 +35,7 @@ def test_doctor_reports_what_the_kernel_does(kernel):
     assert r.returncode == 0, r.stderr
     fk = json.loads(r.stdout)["cpu"]["few_row_kernel"]
     assert fk["available"] and fk["attention"] == kernel.attention_ok and fk["int8_gelu"] == kernel.int8
+    assert fk["layers_in_one_call"] == (kernel.layers is not None)
     assert ("int8" in fk["dtypes"]) == kernel.int8
 
 
