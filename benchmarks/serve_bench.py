@@ -1,6 +1,6 @@
 """Closed-loop load against embedding servers on 127.0.0.1: ours, and the anchors, same folder, same workload.
 
-    python benchmarks/serve_bench.py MODEL_DIR [--servers ours:float32,ours:bfloat16,infinity,llama.cpp:f32] [--seconds 20]
+    python benchmarks/serve_bench.py MODEL_DIR [--servers ours:float32,ours:bfloat16,infinity,infinity:bfloat16,llama.cpp:f32] [--seconds 20]
         [--scenarios mixed,queries,documents] [--rounds N]
 
 A server spec may carry extra flags for our server after an @, one per @: `ours:float32@--bulk-share=0.5`,
@@ -83,7 +83,8 @@ def start(kind, model_dir, dtype, port, logfile, extra=()):
     elif kind == "infinity":
         venv = Path(os.environ.get("INFINITY_VENV", Path.home() / ".cache/nomic-moe/infinity-venv"))
         cmd = [str(venv / "bin/infinity_emb"), "v2", "--model-id", str(model_dir), "--served-model-name", "bench", "--port", str(port),
-               "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu", "--batch-size", "32", "--no-bettertransformer"]
+               "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu", "--batch-size", "32", "--no-bettertransformer",
+               *(["--dtype", dtype] if dtype else [])]  # infinity:bfloat16 (no dtype: its auto, fp32 on a CPU)
     elif kind == "llama.cpp":
         import llama_cpp as harness  # benchmarks/llama_cpp.py
 
@@ -185,7 +186,7 @@ def bench_server(a, spec, round_, chosen, queries, docs):
     logfile.parent.mkdir(parents=True, exist_ok=True)
     log(f"round {round_}: starting {label} (log {logfile})")
     flags = [f for part in extra.split(",") if part for f in part.split("=", 1)]
-    proc, url = start(kind, a.model_dir, dtype or ("f32" if kind == "llama.cpp" else "float32"), free_port(), logfile, flags)
+    proc, url = start(kind, a.model_dir, dtype or {"llama.cpp": "f32", "infinity": ""}.get(kind, "float32"), free_port(), logfile, flags)
     rows = []
     try:
         scenario(kind, url, "warm-up", [("query", 1), ("document", 1)], 5, queries, docs)
@@ -211,7 +212,8 @@ def bench_server(a, spec, round_, chosen, queries, docs):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("model_dir")
-    p.add_argument("--servers", default="ours:float32,infinity", help="comma list of ours:DTYPE, infinity and llama.cpp:f32|f16|q8_0")
+    p.add_argument("--servers", default="ours:float32,infinity",
+                   help="comma list of ours:DTYPE, infinity[:DTYPE] and llama.cpp:f32|f16|q8_0")
     p.add_argument("--seconds", type=float, default=20, help="per scenario (mixed runs 3x this)")
     p.add_argument("--query-clients", default="1,4,16,64")
     p.add_argument("--doc-clients", default="1,4")

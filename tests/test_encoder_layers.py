@@ -180,7 +180,15 @@ def test_one_call_follows_the_weights_as_they_change(kernel, models, monkeypatch
         loop = looped(model, input_ids=ids, attention_mask=mask).last_hidden_state
     assert runs.ran == 2
     assert not torch.allclose(after, before) and (after - loop).abs().max().item() <= ATOL
+    # a module replaced: the new one's parameters are read
+    norm = torch.nn.LayerNorm(cfg["n_embd"], eps=layer.norm2.eps)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        layer.norm2 = norm
+        replaced = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        loop = looped(model, input_ids=ids, attention_mask=mask).last_hidden_state
+    assert runs.ran == 3 and not torch.allclose(replaced, after) and (replaced - loop).abs().max().item() <= ATOL
     clone = copy.deepcopy(model)  # a copy (sentence-transformers makes one) gets a plan of its own
     with torch.no_grad():
-        assert (clone(input_ids=ids, attention_mask=mask).last_hidden_state - after).abs().max().item() <= ATOL
-    assert runs.ran == 3 and kernel.layers._plans[clone] is not kernel.layers._plans[model]
+        assert (clone(input_ids=ids, attention_mask=mask).last_hidden_state - replaced).abs().max().item() <= ATOL
+    assert runs.ran == 4 and kernel.layers._plans[clone] is not kernel.layers._plans[model]
