@@ -7,9 +7,10 @@
 // hidden-64 model's whole pass takes 2.4 ms in int8, RESULTS.md). Here the calls follow one another
 // with nothing in between. The plain version is the model's own forward; the tests hold this to it.
 //
-// What is computed here and not in a product: residual add + LayerNorm, the router (fp32 logits,
-// softmax, top-k, as NomicMoERouter) and the GELU of the float MLPs (gelu_ps; the s8 products take
-// it as they quantize their input). In bf16 every step rounds its output to bf16 as torch's does.
+// What is computed here and not in a product: residual add + LayerNorm and the router (fp32 logits,
+// softmax, top-k, as NomicMoERouter). An MLP's GELU (gelu_ps) is taken inside a product: as a float
+// up product writes its outputs, or as an s8 down product quantizes its input. In bf16 every step
+// rounds its output to bf16 as torch's does (the GELU'd up product once, from its fp32 sums).
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,7 +25,7 @@ int nm_has_layers(void) { return 1; }
 // the library's calls strung together here (small_gemm.c, short_attention.c)
 void nm_linear_f32(const float *, int64_t, int64_t, int64_t, const float *, int64_t, const float *, float *, int64_t, int);
 void nm_grouped_f32(const float *, int64_t, int64_t, int64_t, const int64_t *, const float *const *, int64_t,
-                    const float *, float *, int64_t, int);
+                    const float *, float *, int64_t, int, int);
 int nm_moe_dispatch(const int64_t *, int64_t, int64_t, int64_t, const char *, int64_t, int64_t, int64_t, int64_t *,
                     int64_t *, int64_t *, char *);
 int nm_moe_combine(const void *, const int64_t *, const void *, int64_t, int64_t, int64_t, int, const void *, void *);
@@ -34,7 +35,7 @@ int nm_attention(const void *, int64_t, int, int64_t, int64_t, int64_t, const in
 void nm_linear_bf16(const uint16_t *, int64_t, int64_t, int64_t, const uint16_t *, int64_t, const uint16_t *, uint16_t *,
                     int64_t, int);
 void nm_grouped_bf16(const uint16_t *, int64_t, int64_t, int64_t, const int64_t *, const uint16_t *const *, int64_t,
-                     const uint16_t *, uint16_t *, int64_t, int);
+                     const uint16_t *, uint16_t *, int64_t, int, int);
 #endif
 #if defined(__AVX512VNNI__)
 int nm_grouped_s8(const float *, int64_t, int64_t, int64_t, const int64_t *, const int8_t *const *,
@@ -109,17 +110,6 @@ static void add_norm(void *x, const void *a, const void *w, const void *b, float
   }
 }
 
-// F.gelu in place over n values (gelu_ps, vec_math.h: within 1.5e-6 of F.gelu), rounded in bf16.
-static void gelu_inplace(void *h, int64_t n, int bf16, int nthreads) {
-  int64_t chunks = (n + 255) / 256;
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && n >= 16384) schedule(static)
-  for (int64_t c = 0; c < chunks; c++)
-    for (int64_t i = c * 256; i < n && i < (c + 1) * 256; i += 16) {
-      __mmask16 m = first_lanes(n - i);
-      store16(h, i, bf16, m, gelu_ps(load16(h, i, bf16, m)));
-    }
-}
-
 // NomicMoERouter: fp32 logits x @ router.T, softmax, the top_k experts of each token (the larger
 // probability first; a tie to the lower expert), their probabilities (renormalised with norm_topk),
 // in the activations' dtype (rounded in bf16, as weights.to(x.dtype)).
@@ -157,37 +147,41 @@ static void route(const void *x, int bf16, int64_t N, int64_t H, const float *wr
 }
 
 // y [M, n] = x [M, k] through matrix set `m`: one matrix (E = 1) or every expert's rows at once
-// (rows bounds[e]..bounds[e+1] through expert e). gelu_in: of F.gelu(x), which only the s8 products
-// take on the way in (the caller has GELU'd a float input). Returns 0, or < 0 on a missing buffer or path.
+// (rows bounds[e]..bounds[e+1] through expert e). gelu_in (s8 only): of F.gelu(x), taken as the
+// product quantizes x; gelu_out (float only): F.gelu of y, taken as the product writes it. Returns 0,
+// or < 0 on a missing buffer or path.
 static int product(const nm_mats *m, int64_t E, const int64_t *bounds, const void *x, int bf16, void *y, int gelu_in,
-                   int nthreads) {
+                   int gelu_out, int nthreads) {
   if (m->colsums) {
 #if defined(__AVX512VNNI__)
-    return bf16 ? -3 : nm_grouped_s8(x, m->k, m->k, E, bounds, (const int8_t *const *)m->panels, m->colsums, m->scales,
-                                     m->n, m->bias, y, m->n, gelu_in, nthreads);
+    if (bf16 || gelu_out) return -3;
+    return nm_grouped_s8(x, m->k, m->k, E, bounds, (const int8_t *const *)m->panels, m->colsums, m->scales, m->n,
+                         m->bias, y, m->n, gelu_in, nthreads) ? -2 : 0;
 #else
     return -3;
 #endif
   }
+  if (gelu_in) return -3;
   if (bf16) {
 #if defined(__AVX512BF16__)
-    nm_grouped_bf16(x, m->k, m->k, E, bounds, (const uint16_t *const *)m->panels, m->n, m->bias, y, m->n, nthreads);
+    nm_grouped_bf16(x, m->k, m->k, E, bounds, (const uint16_t *const *)m->panels, m->n, m->bias, y, m->n, gelu_out,
+                    nthreads);
     return 0;
 #else
     return -3;
 #endif
   }
-  nm_grouped_f32(x, m->k, m->k, E, bounds, (const float *const *)m->panels, m->n, m->bias, y, m->n, nthreads);
+  nm_grouped_f32(x, m->k, m->k, E, bounds, (const float *const *)m->panels, m->n, m->bias, y, m->n, gelu_out, nthreads);
   return 0;
 }
 
-// An MLP's two products with the GELU between: where the down product is s8 it takes the GELU itself.
-static int mlp(const nm_mats *up, const nm_mats *down, int64_t E, const int64_t *bounds, const void *x, int64_t M,
-               int bf16, void *h, void *y, int nthreads) {
-  int status = product(up, E, bounds, x, bf16, h, 0, nthreads);
-  if (status) return status;
-  if (!down->colsums) gelu_inplace(h, M * up->n, bf16, nthreads);
-  return product(down, E, bounds, h, bf16, y, down->colsums != 0, nthreads);
+// An MLP's two products with the GELU between, inside one of them: an s8 down product takes it as it
+// quantizes its input, else the up product as it writes its output.
+static int mlp(const nm_mats *up, const nm_mats *down, int64_t E, const int64_t *bounds, const void *x, int bf16,
+               void *h, void *y, int nthreads) {
+  int s8_down = down->colsums != 0;
+  int status = product(up, E, bounds, x, bf16, h, 0, !s8_down, nthreads);
+  return status ? status : product(down, E, bounds, h, bf16, y, s8_down, 0, nthreads);
 }
 
 // x [N, H] in place through layers[0..L): texts at token offsets bounds [B+1], RoPE's cos and sin
@@ -219,19 +213,19 @@ int nm_encoder_layers(const nm_layer *layers, int64_t L, void *x, int bf16, int6
   int status = 0;
   for (int64_t l = 0; l < L && !status; l++) {
     const nm_layer *ly = &layers[l];
-    if ((status = product(&ly->qkv, 1, one, x, bf16, qkv, 0, nthreads))) break;
+    if ((status = product(&ly->qkv, 1, one, x, bf16, qkv, 0, 0, nthreads))) break;
     int att = nm_attention(qkv, qkv_n, bf16, ly->heads, ly->head_dim, B, bounds, cos, sin,
                            (float)(1.0 / sqrt((double)ly->head_dim)), ctx, nthreads);
     if (att) { status = att == -1 ? -3 : -2; break; }
-    if ((status = product(&ly->out, 1, one, ctx, bf16, a, 0, nthreads))) break;
+    if ((status = product(&ly->out, 1, one, ctx, bf16, a, 0, 0, nthreads))) break;
     add_norm(x, a, ly->norm1_w, ly->norm1_b, ly->eps, N, H, bf16, nthreads);
     if (!ly->experts) {
-      if ((status = mlp(&ly->up, &ly->down, 1, one, x, N, bf16, h, a, nthreads))) break;
+      if ((status = mlp(&ly->up, &ly->down, 1, one, x, bf16, h, a, nthreads))) break;
     } else {
-      int64_t nk = N * ly->top_k, *got = counts ? counts : scratch_counts;
+      int64_t *got = counts ? counts : scratch_counts;
       route(x, bf16, N, H, ly->router, ly->experts, ly->top_k, ly->norm_topk, experts, weights);
       if (nm_moe_dispatch(experts, N, ly->top_k, ly->experts, x, H, H, es, order, got, segs, xs)) { status = -2; break; }
-      if ((status = mlp(&ly->up, &ly->down, ly->experts, segs, xs, nk, bf16, h, ys, nthreads))) break;
+      if ((status = mlp(&ly->up, &ly->down, ly->experts, segs, xs, bf16, h, ys, nthreads))) break;
       if (nm_moe_combine(ys, order, weights, N, ly->top_k, H, bf16, ly->expert_bias, a)) { status = -2; break; }
       if (counts) counts += ly->experts;
     }

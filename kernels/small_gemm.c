@@ -60,7 +60,7 @@ void nm_free(void *p) { free(p); }
 // mt rows (a constant once inlined into the switch below) against one panel.
 static inline __attribute__((always_inline)) void tile_f32(
     const float *x, int64_t ldx, const int mt, int64_t K, const float *panel,
-    const float *bias, float *y, int64_t ldy, int ncols, const float *warm, int64_t wmul) {
+    const float *bias, float *y, int64_t ldy, int ncols, const float *warm, int64_t wmul, int gelu) {
   vf acc[MT][2];
   for (int m = 0; m < mt; m++) acc[m][0] = acc[m][1] = (vf){0};
   for (int64_t k = 0; k < K; k++) {
@@ -83,7 +83,12 @@ static inline __attribute__((always_inline)) void tile_f32(
     float out[NB];
     memcpy(out, &acc[m][0], sizeof(vf));
     memcpy(out + VW, &acc[m][1], sizeof(vf));
-    for (int j = 0; j < ncols; j++) y[m * ldy + j] = out[j] + (bias ? bias[j] : 0.0f);
+    for (int j = 0; j < NB; j++) out[j] += bias && j < ncols ? bias[j] : 0.0f;
+#if defined(__AVX512F__)
+    if (gelu)  // an MLP's up product: F.gelu of each output as it is written (gelu_ps, vec_math.h)
+      for (int h = 0; h < NB; h += VW) _mm512_storeu_ps(out + h, gelu_ps(_mm512_loadu_ps(out + h)));
+#endif
+    memcpy(y + m * ldy, out, (size_t)ncols * sizeof(float));
   }
 }
 
@@ -101,14 +106,14 @@ static inline int64_t warm_share(int64_t M, int64_t m0, int64_t K, int64_t *wmul
 // second tile asked one core for the whole panel in one tile's time, more than its share of the
 // memory's speed; spread, the int8 and fp32 products at 16-128 rows ran 1-5% faster (bf16 the same).
 static void panel_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *panel, const float *b,
-                      float *y, int64_t ldy, int ncols, const float *next) {
+                      float *y, int64_t ldy, int ncols, const float *next, int gelu) {
   for (int64_t m0 = 0; m0 < M; m0 += MT) {
     const float *xm = x + m0 * ldx;
     float *ym = y + m0 * ldy;
     int64_t wmul, share = warm_share(M, m0, K, &wmul);
     const float *warm = next && share >= 0 ? next + share : 0;
     switch (M - m0 >= MT ? MT : (int)(M - m0)) {
-#define CASE(n) case n: tile_f32(xm, ldx, n, K, panel, b, ym, ldy, ncols, warm, wmul); break;
+#define CASE(n) case n: tile_f32(xm, ldx, n, K, panel, b, ym, ldy, ncols, warm, wmul, gelu); break;
       CASE(1) CASE(2) CASE(3) CASE(4)
 #if MT == 8
       CASE(5) CASE(6) CASE(7) CASE(8)
@@ -125,8 +130,10 @@ static inline int panel_cols(int64_t N, int64_t p) { return (int)(N - p * NB < N
 // ldy) the same rows. Each thread takes its share of every expert's panels and goes on to the next
 // expert without waiting (nowait): one parallel region, no barrier between experts, and no Python
 // between two experts' products. One expert (E = 1, bounds {0, M}) is a plain product: nm_linear_f32.
+// gelu: F.gelu of every output as it is written (gelu_ps; AVX-512 builds, where the encoder-layers
+// call, its only caller that asks, runs; an MLP's up product then needs no GELU pass of its own).
 void nm_grouped_f32(const float *x, int64_t ldx, int64_t K, int64_t E, const int64_t *bounds,
-                    const float *const *wps, int64_t N, const float *bias, float *y, int64_t ldy, int nthreads) {
+                    const float *const *wps, int64_t N, const float *bias, float *y, int64_t ldy, int gelu, int nthreads) {
   int64_t panels = (N + NB - 1) / NB;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   for (int64_t e = 0; e < E; e++) {
@@ -135,7 +142,7 @@ void nm_grouped_f32(const float *x, int64_t ldx, int64_t K, int64_t E, const int
 #pragma omp for schedule(static) nowait
     for (int64_t p = 0; p < panels; p++)
       panel_f32(x + lo * ldx, ldx, rows, K, wps[e] + p * K * NB, bias ? bias + p * NB : 0, y + lo * ldy + p * NB, ldy,
-                panel_cols(N, p), p + 1 < panels ? wps[e] + (p + 1) * K * NB : 0);
+                panel_cols(N, p), p + 1 < panels ? wps[e] + (p + 1) * K * NB : 0, gelu);
   }
 }
 
@@ -143,7 +150,7 @@ void nm_grouped_f32(const float *x, int64_t ldx, int64_t K, int64_t E, const int
 void nm_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *wp, int64_t N,
                    const float *bias, float *y, int64_t ldy, int nthreads) {
   int64_t bounds[2] = {0, M};
-  nm_grouped_f32(x, ldx, K, 1, bounds, &wp, N, bias, y, ldy, nthreads);
+  nm_grouped_f32(x, ldx, K, 1, bounds, &wp, N, bias, y, ldy, 0, nthreads);
 }
 
 // --- An MoE layer's dispatch and combine around the grouped products: dispatch_sorted and combine
@@ -226,7 +233,7 @@ static inline __m512 bf16_to_f32(const uint16_t *p) {  // 16 bf16 -> 16 fp32: th
 
 static inline __attribute__((always_inline)) void tile_bf16(
     const uint16_t *x, int64_t ldx, const int mt, int64_t K, const uint16_t *panel,
-    const uint16_t *bias, uint16_t *y, int64_t ldy, int ncols, const uint16_t *warm, int64_t wmul) {
+    const uint16_t *bias, uint16_t *y, int64_t ldy, int ncols, const uint16_t *warm, int64_t wmul, int gelu) {
   __m512 acc[MT][2];
   for (int m = 0; m < mt; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 2) {  // one pair of k per step: 2 x 16 columns x 2 bf16
@@ -256,6 +263,7 @@ static inline __attribute__((always_inline)) void tile_bf16(
         else { uint16_t b[VW] = {0}; for (int j = h * VW; j < ncols && j < (h + 1) * VW; j++) b[j - h * VW] = bias[j];
                v = _mm512_add_ps(v, bf16_to_f32(b)); }
       }
+      if (gelu) v = gelu_ps(v);  // an MLP's up product: F.gelu of the fp32 sum, then one rounding
       __m256bh r = _mm512_cvtneps_pbh(v);  // round to nearest even, as torch rounds
       memcpy(out + h * VW, &r, sizeof r);
     }
@@ -264,14 +272,14 @@ static inline __attribute__((always_inline)) void tile_bf16(
 }
 
 static void panel_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *panel,
-                       const uint16_t *b, uint16_t *y, int64_t ldy, int ncols, const uint16_t *next) {
+                       const uint16_t *b, uint16_t *y, int64_t ldy, int ncols, const uint16_t *next, int gelu) {
   for (int64_t m0 = 0; m0 < M; m0 += MT) {
     const uint16_t *xm = x + m0 * ldx;
     uint16_t *ym = y + m0 * ldy;
     int64_t wmul, share = warm_share(M, m0, K, &wmul);
     const uint16_t *warm = next && share >= 0 ? next + share : 0;
     switch (M - m0 >= MT ? MT : (int)(M - m0)) {
-#define CASE(n) case n: tile_bf16(xm, ldx, n, K, panel, b, ym, ldy, ncols, warm, wmul); break;
+#define CASE(n) case n: tile_bf16(xm, ldx, n, K, panel, b, ym, ldy, ncols, warm, wmul, gelu); break;
       CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
     }
@@ -280,7 +288,8 @@ static void panel_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, con
 
 // As nm_grouped_f32, in bf16 (bit patterns as uint16) with fp32 sums; K must be even.
 void nm_grouped_bf16(const uint16_t *x, int64_t ldx, int64_t K, int64_t E, const int64_t *bounds,
-                     const uint16_t *const *wps, int64_t N, const uint16_t *bias, uint16_t *y, int64_t ldy, int nthreads) {
+                     const uint16_t *const *wps, int64_t N, const uint16_t *bias, uint16_t *y, int64_t ldy, int gelu,
+                     int nthreads) {
   int64_t panels = (N + NB - 1) / NB;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   for (int64_t e = 0; e < E; e++) {
@@ -289,14 +298,14 @@ void nm_grouped_bf16(const uint16_t *x, int64_t ldx, int64_t K, int64_t E, const
 #pragma omp for schedule(static) nowait
     for (int64_t p = 0; p < panels; p++)
       panel_bf16(x + lo * ldx, ldx, rows, K, wps[e] + p * K * NB, bias ? bias + p * NB : 0, y + lo * ldy + p * NB, ldy,
-                 panel_cols(N, p), p + 1 < panels ? wps[e] + (p + 1) * K * NB : 0);
+                 panel_cols(N, p), p + 1 < panels ? wps[e] + (p + 1) * K * NB : 0, gelu);
   }
 }
 
 void nm_linear_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
                     const uint16_t *bias, uint16_t *y, int64_t ldy, int nthreads) {
   int64_t bounds[2] = {0, M};
-  nm_grouped_bf16(x, ldx, K, 1, bounds, &wp, N, bias, y, ldy, nthreads);
+  nm_grouped_bf16(x, ldx, K, 1, bounds, &wp, N, bias, y, ldy, 0, nthreads);
 }
 #else
 int nm_has_bf16(void) { return 0; }  // bf16 stays with oneDNN (and fp32 is what `auto` picks on such a CPU)

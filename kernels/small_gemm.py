@@ -219,7 +219,7 @@ class SmallGemm:
         if self.bf16:
             self._grouped[torch.bfloat16] = lib.nm_grouped_bf16
         for fn in self._grouped.values():
-            fn.argtypes, fn.restype = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int], None
+            fn.argtypes, fn.restype = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int, ctypes.c_int], None
         self._max_rows = {dtype: MAX_ROWS[dtype] for dtype in self.dtypes()}  # accepts(), asked before every product
         self.layers = LayerRunner(lib, self) if lib.nm_has_layers() else None  # AVX-512: a model's layers in one call
 
@@ -286,15 +286,19 @@ class SmallGemm:
         xs, y = SmallGemm._rows(xs, group, dtype)
         return xs, y, (_I64 * len(bounds))(*bounds), group
 
-    def linear_grouped(self, xs: torch.Tensor, bounds, packs) -> torch.Tensor:
+    def linear_grouped(self, xs: torch.Tensor, bounds, packs, gelu: bool = False) -> torch.Tensor:
         """Rows grouped by expert: y[bounds[e]:bounds[e+1]] = linear(xs[bounds[e]:bounds[e+1]], packs[e]),
         the same sums, in one call (one parallel region for all the experts, no bias). ``packs``: a
-        list of Packed, or their Group (``group``)."""
+        list of Packed, or their Group (``group``). gelu=True (AVX-512, ``attention_ok``): F.gelu of
+        each output as it is written (gelu_ps: within 1.5e-6 of F.gelu; in bf16 of the fp32 sum, then
+        rounded once): an MLP's up product, as the encoder-layers call runs it."""
+        if gelu and not self.attention_ok:
+            raise ValueError("the float products take the GELU only where the kernel is built for AVX-512")
         dtype = packs.dtype if isinstance(packs, Group) else packs[0].panels.dtype if packs else torch.float32
         xs, y, c_bounds, group = self._groups(xs, bounds, packs, Packed, dtype)
         if xs.shape[0]:
             self._grouped[xs.dtype](xs.data_ptr(), xs.stride(0), group.k, len(group), c_bounds, *group.arrays, group.n,
-                                    None, y.data_ptr(), group.n, torch.get_num_threads())
+                                    None, y.data_ptr(), group.n, bool(gelu), torch.get_num_threads())
         return y
 
     def linear_int8_grouped(self, xs: torch.Tensor, bounds, packs, gelu: bool = False) -> torch.Tensor:

@@ -488,6 +488,30 @@ def test_grouped_products_are_the_per_expert_products(kernel, dtype):
         kernel.linear_int8_grouped(xs.float(), BOUNDS, group)  # a float group on the int8 call
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_products_take_the_gelu_as_they_write(kernel, dtype):
+    """gelu=True (an MLP's up product in the encoder-layers call): F.gelu of the products' outputs,
+    within gelu_ps's 1.5e-6 in fp32; in bf16 F.gelu of the fp32 sum, rounded once (within one bf16
+    step of F.gelu of fp32 products of the same numbers)."""
+    if dtype not in kernel.dtypes():
+        pytest.skip("this CPU has no AVX512_BF16")
+    if not kernel.attention_ok:
+        with pytest.raises(ValueError, match="AVX-512"):
+            kernel.linear_grouped(torch.randn(4, 8), [0, 4], [kernel.pack(torch.randn(8, 8))], gelu=True)
+        return
+    g = torch.Generator().manual_seed(12)
+    k, n, E = 64, 100, len(BOUNDS) - 1
+    ws = [(torch.randn(n, k, generator=g) * 2 * k**-0.5).to(dtype) for _ in range(E)]
+    xs = torch.randn(BOUNDS[-1], k, generator=g).to(dtype)
+    got = kernel.linear_grouped(xs, BOUNDS, [kernel.pack(w) for w in ws], gelu=True).float()
+    want = torch.cat([F.gelu(F.linear(xs[lo:hi].float(), w.float())) for lo, hi, w in zip(BOUNDS[:-1], BOUNDS[1:], ws)])
+    if dtype == torch.float32:  # against F.gelu of the same sums
+        plain = F.gelu(kernel.linear_grouped(xs, BOUNDS, [kernel.pack(w) for w in ws]))
+        assert (got - plain).abs().max().item() <= 2e-6 and (got - want).abs().max().item() <= 1e-5
+    else:
+        assert ((got - want).abs() <= want.abs() * 2**-7 + 1e-6).all()
+
+
 def test_int8_gelu_is_torchs_gelu(kernel):
     """The GELU the int8 calls take on the way in (gelu=True) against F.gelu, over the range a hidden
     activation takes and past it, and the products with it against F.gelu then the product."""
