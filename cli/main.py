@@ -192,7 +192,8 @@ def cmd_serve(a):
     return serve(Settings(model=a.model, host=a.host, port=a.port, served_model_name=a.served_model_name, dtype=a.dtype,
                           device=a.device, onnx=a.onnx, provider=a.provider, threads=a.threads, cuda_graphs=a.cuda_graphs,
                           max_batch_tokens=a.max_batch_tokens,
-                          batch_seconds=a.batch_seconds, bulk_share=a.bulk_share, max_queue_tokens=a.max_queue_tokens, query_tokens=a.query_tokens,
+                          batch_seconds=a.batch_seconds, bulk_share=a.bulk_share, query_batch_tokens=a.query_batch_tokens,
+                          max_queue_tokens=a.max_queue_tokens, query_tokens=a.query_tokens,
                           request_timeout=a.request_timeout, api_key=a.api_key or os.environ.get("NOMIC_MOE_API_KEY"),
                           engine=a.engine, replicas=a.replicas, cpus_per_replica=a.cpus_per_replica))
 
@@ -381,6 +382,9 @@ def build_parser():
                          "layers of a bulk batch; 1 with --onnx, where a query waits for the batch ahead of it)")
     sv.add_argument("--bulk-share", type=float, default=0.75,
                     help="share of model time bulk work keeps while queries come back to back (default 0.75; 0 = queries always first)")
+    sv.add_argument("--query-batch-tokens", type=int,
+                    help="most tokens in one batch of queries (default: what the CPU kernel runs in one call for every "
+                         "layer, 128, where it does; 0 = the whole --max-batch-tokens)")
     sv.add_argument("--max-queue-tokens", type=int, help="tokens the queue may hold before 429 (default 32 batches)")
     sv.add_argument("--query-tokens", type=int, default=256, help="requests up to this many tokens go in the query lane (default 256)")
     sv.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take in all (504 after)")

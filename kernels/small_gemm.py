@@ -230,6 +230,10 @@ class SmallGemm:
     def accepts(self, rows: int, dtype: torch.dtype) -> bool:
         return rows <= self._max_rows.get(dtype, -1)
 
+    def max_rows(self, dtype: torch.dtype) -> int:
+        """The most rows a product (and the encoder-layers call: tokens) in ``dtype`` takes; 0: none."""
+        return self._max_rows.get(dtype, 0)
+
     def pack(self, w: torch.Tensor) -> Packed:
         """w [n, k] -> panels [n/NB, k, NB] (fp32) or [n/NB, k/2, NB, 2] (bf16 pairs), n padded with zeros."""
         if w.dtype not in self.dtypes() or w.dim() != 2 or w.device.type != "cpu":

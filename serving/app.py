@@ -280,6 +280,7 @@ def create_app(engine: Engine) -> FastAPI:
                 "max_input_length": 512, "dimensions": engine.hidden_size, "prompts": engine.prompts.prompts,
                 "default_prompt": engine.prompts.default,
                 "max_batch_tokens": engine.batcher.max_batch_tokens if engine.batcher else None,
+                "max_query_batch_tokens": engine.batcher.query_batch_tokens if engine.batcher else None,
                 "max_queue_tokens": engine.batcher.max_queue_tokens if engine.batcher else None,
                 "warmup_tokens_per_second": engine.rate, "max_client_batch_size": s.max_inputs,
                 "query_lane_tokens": s.query_tokens,

@@ -143,6 +143,15 @@ class TorchBackend:
         with torch.inference_mode():
             return self._pool(packing.unpack(x), m, pending)
 
+    @property
+    def short_batch_tokens(self) -> Optional[int]:
+        """The most tokens a batch may hold to take the CPU kernel's one call for every layer (its
+        fastest path per token for short batches), or None where this model has no such call."""
+        kernel = getattr(self.model, "cpu_kernel", None)
+        if kernel is None or getattr(kernel, "layers", None) is None or not hasattr(kernel, "max_rows"):
+            return None
+        return kernel.max_rows(self.model.embeddings.word_embeddings.weight.dtype) or None
+
     def _run_layers(self, x, packing):
         """The CPU kernel's one call for every layer (nomic_moe_kernels.encoder_layers), where it takes
         this batch: (x, the routing counts of each MoE layer), else None. Our routing hooks need not

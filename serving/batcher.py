@@ -14,7 +14,10 @@ Two ways to keep queries ahead of ingestion, by what the model worker can do:
           so a query waits for one layer of bulk work, not one batch. Bulk batches can then be
           long, where a CPU runs them fastest. When queries come back to back, `bulk_share` of
           the model's time stays with bulk work: a query batch runs only after bulk has run for
-          bulk_share / (1 - bulk_share) times the last query batch's time.
+          bulk_share / (1 - bulk_share) times the last query batch's time. A query batch holds at
+          most `query_batch_tokens` (where given): the most a backend runs in its fastest path for
+          short batches (a CPU kernel's one call for every layer), where a longer batch runs slower
+          per token.
 
 Work whose client went away, or whose deadline passed, is dropped here, before it costs model time.
 
@@ -93,10 +96,12 @@ class Batch:
 
 class Batcher:
     def __init__(self, max_batch_tokens: int, max_queue_tokens: int, starve_after: int = 4, mixed_fraction: float = 0.25,
-                 preempt: bool = False, bulk_share: float = 0.75, clock=time.monotonic):
+                 preempt: bool = False, bulk_share: float = 0.75, query_batch_tokens: Optional[int] = None,
+                 clock=time.monotonic):
         if not 0 <= bulk_share < 1:
             raise ValueError(f"bulk_share must be in [0, 1), got {bulk_share}")
         self.max_batch_tokens = max_batch_tokens
+        self.query_batch_tokens = query_batch_tokens if preempt else None  # preempt mode: query batches up to this
         self.mixed_fraction = mixed_fraction  # mixed mode: share of the budget a batch with queries in it may fill in all
         self.preempt = preempt
         self.bulk_share = bulk_share
@@ -225,6 +230,8 @@ class Batcher:
             order.reverse()  # bulk has waited long enough: it goes first this once
         if self.preempt:  # one lane per batch: the first in order that has work
             order = [next(lane for lane in order if self.lanes[lane])]
+            if order[0] == "query" and self.query_batch_tokens:
+                budget = min(budget, self.query_batch_tokens)
         took_query = False
         for lane in order:
             q = self.lanes[lane]

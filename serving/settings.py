@@ -19,6 +19,7 @@ class Settings:
     max_batch_tokens: Optional[int] = None  # default: sized at warm-up so one batch takes batch_seconds
     batch_seconds: Optional[float] = None  # default: 4 s where queries preempt bulk between layers (PyTorch), else 1 s
     bulk_share: float = 0.75  # share of model time bulk work keeps while queries come back to back
+    query_batch_tokens: Optional[int] = None  # most tokens in a query batch; default: the backend's short-batch size, 0: none
     max_queue_tokens: Optional[int] = None  # default: 32 batches
     query_tokens: int = 256  # a request of at most this many tokens (or a query-prompt request that fits one batch) is interactive
     max_inputs: int = 2048  # per request, as OpenAI

@@ -91,5 +91,6 @@ def test_a_short_batch_runs_its_layers_in_one_kernel_call(ckpts):
             break
         yields += 1
     assert yields == (0 if one_call else len(b.model.encoder.layers))
+    assert b.short_batch_tokens == (128 if one_call else None)  # the server's query batches: at most this
     np.testing.assert_allclose(vectors, reference(b.model, short), atol=1e-5, rtol=0)
     assert (b.expert_pairs.sum(1) == 2 * sum(map(len, short))).all()

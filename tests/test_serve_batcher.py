@@ -131,6 +131,27 @@ def test_preempt_mode_keeps_one_lane_per_batch_and_queries_first():
     assert Batcher(max_batch_tokens=100, max_queue_tokens=10_000, clock=Clock()).preempt is False
 
 
+def test_query_batches_hold_at_most_the_short_batch_budget():
+    """Preempt mode with query_batch_tokens (the backend's one-call size): queries go in batches of at
+    most that many tokens (a longer single input still goes, alone), bulk batches keep the whole budget."""
+    b = Batcher(max_batch_tokens=100, max_queue_tokens=10_000, preempt=True, query_batch_tokens=25, clock=Clock())
+    b.submit(job([10, 10, 10, 40, 5], "query"))
+    b.submit(job([50, 50], "bulk"))
+    sizes = []
+    for _ in range(3):
+        batch = b.next_batch(0)
+        assert batch.lane == "query"
+        sizes.append(batch.tokens)
+        run(b, batch)
+    assert sizes == [20, 10, 40]  # 10+10, then 10 (40 does not fit beside it), then 40 alone
+    batch = b.next_batch(0)
+    assert batch.lane == "query" and batch.tokens == 5
+    run(b, batch)
+    assert b.next_batch(0).tokens == 100
+    # mixed mode (a backend that runs batches whole) keeps its own rule: the cap does not apply
+    assert Batcher(max_batch_tokens=100, max_queue_tokens=10_000, query_batch_tokens=25, clock=Clock()).query_batch_tokens is None
+
+
 def test_take_queries_between_layers_keeps_bulk_its_share():
     b = Batcher(max_batch_tokens=100, max_queue_tokens=10_000, preempt=True, bulk_share=0.75, clock=Clock())
     b.submit(job([50, 50, 50], "bulk"))
