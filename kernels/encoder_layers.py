@@ -9,9 +9,11 @@ between those calls (residual add + LayerNorm, the router, the float MLPs' GELU)
 returns None and the model's own loop runs, with the same results to float rounding (the tests hold
 the two together).
 
-The structs point into the modules' packed copies and parameters. They are rebuilt when one of those
-changes: each call gathers the copies (the modules' own caches, which rebuild a copy after its
-weight changed) and the parameters' addresses, and compares them with the last call's.
+The structs point into the modules' packed copies and parameters. Each call first checks that
+everything they were made from is unchanged (``_Reads``: every attribute read, every parameter's
+address and version); where something changed, the parts are gathered again (the modules' own
+caches rebuild a copy after its weight changed) and the structs rebuilt where a copy or an address
+moved.
 """
 
 import ctypes
@@ -37,13 +39,14 @@ class _Layer(ctypes.Structure):
 
 
 class _Plan:
-    """The structs of one model's layers, with what they point into (kept alive here)."""
+    """The structs of one model's layers, with what they point into (kept alive here); layers None:
+    the call does not take this model (what decided it in ``reads``)."""
 
     def __init__(self, key, layers, keep, moe_layers, experts, modules):
         self.key, self.layers, self.keep = key, layers, keep
         self.dtype, self.reads = None, None  # set by LayerRunner._plan
         self.moe_layers, self.experts = moe_layers, experts
-        self.modules = modules  # every module inside the layers (a swapped one changes the key: a new plan)
+        self.modules = modules  # every module inside the layers: whose hooks to honour (set at each gathering)
 
     def hooked(self) -> bool:
         """A hook on a module inside the layers (a server's routing counter, a user's probe) must see
@@ -155,17 +158,22 @@ class LayerRunner:
     def _plan(self, model, dtype) -> Optional[_Plan]:
         plan = self._plans.get(model)
         if plan is not None and plan.dtype == dtype and plan.reads.unchanged():
-            return plan  # tens of microseconds, against 0.4 ms to gather the parts again at the real size
+            # tens of microseconds, against 0.4 ms to gather the parts again at the real size; a model
+            # the call does not take (layers None) is refused as fast, while what decided it stands
+            return plan if plan.layers is not None else None
         reads = _Reads()
         parts = self._gather(model, dtype, reads)
         if parts is None:
-            self._plans.pop(model, None)
+            declined = _Plan(None, None, None, 0, 0, ())
+            declined.dtype, declined.reads = dtype, reads
+            self._plans[model] = declined
             return None
         key = tuple(_identity(p) for layer in parts for p in layer)
-        if plan is None or plan.key != key:
+        if plan is None or plan.layers is None or plan.key != key:
             plan = self._build(parts, key, model)
             self._plans[model] = plan
         plan.dtype, plan.reads = dtype, reads
+        plan.modules = tuple(m for layer in model.encoder.layers for m in layer.modules())
         return plan
 
     def _gather(self, model, dtype, r):
@@ -231,6 +239,8 @@ class LayerRunner:
         version = _version(w)
         kept = self._router_f32.get(id(w))
         if kept is None or kept[0]() is not w or kept[1] != version:
+            for key in [k for k, v in self._router_f32.items() if v[0]() is None]:
+                del self._router_f32[key]  # the copies of weights that are gone
             kept = (weakref.ref(w), version, w.detach().float().contiguous())
             self._router_f32[id(w)] = kept
         return kept[2]
@@ -276,5 +286,4 @@ class LayerRunner:
                 s.experts, s.up, s.down = 0, mats(got[2]), mats(got[3])
             structs.append(s)
         layers = (_Layer * len(structs))(*structs)
-        modules = tuple(m for layer in model.encoder.layers for m in layer.modules())
-        return _Plan(key, layers, (keep, parts), moe_layers, config.num_experts, modules)
+        return _Plan(key, layers, (keep, parts), moe_layers, config.num_experts, ())

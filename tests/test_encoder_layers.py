@@ -192,3 +192,27 @@ def test_one_call_follows_the_weights_as_they_change(kernel, models, monkeypatch
     with torch.no_grad():
         assert (clone(input_ids=ids, attention_mask=mask).last_hidden_state - replaced).abs().max().item() <= ATOL
     assert runs.ran == 4 and kernel.layers._plans[clone] is not kernel.layers._plans[model]
+
+
+def test_a_model_the_call_does_not_take_is_refused_fast_until_it_changes(kernel, models, monkeypatch):
+    """A refusal is kept with what decided it: the next calls refuse without gathering the parts
+    again, and a change (here a matrix given the kernel) is seen at the next call."""
+    from nomic_moe_kernels.encoder_layers import LayerRunner
+
+    model, _, cfg = with_kernel(models, "8x2", kernel)
+    wqkv = model.encoder.layers[0].attn.Wqkv
+    wqkv.set_cpu_kernel(None)  # one matrix without the kernel: the call does not take this model
+    gathered = []
+    inner = LayerRunner._gather
+    monkeypatch.setattr(LayerRunner, "_gather", lambda self, *a: gathered.append(1) or inner(self, *a))
+    runs = CountRuns(kernel.layers, monkeypatch)
+    ids, mask = random_batch([6, 9], cfg["vocab_size"], seed=3)
+    with torch.no_grad():
+        for _ in range(3):
+            model(input_ids=ids, attention_mask=mask)
+        assert runs.declined == 3 and runs.ran == 0 and len(gathered) == 1
+        wqkv.set_cpu_kernel(kernel)
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert runs.ran == 1 and len(gathered) == 2
+        loop = looped(model, input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (out - loop).abs().max().item() <= ATOL
