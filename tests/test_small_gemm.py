@@ -711,3 +711,14 @@ def test_the_avx2_build_computes_the_same_products(kernel):
     grouped = avx2.linear_grouped(xs, BOUNDS, packs)
     for e, p in enumerate(packs):
         assert torch.equal(grouped[BOUNDS[e]:BOUNDS[e + 1]], avx2.linear(xs[BOUNDS[e]:BOUNDS[e + 1]], p))
+
+
+def test_the_latency_floor_takes_the_faster_int8_gemm(kernel):
+    """`bench --latency`'s int8 floor: the faster of the library's int8 GEMM and this kernel's at the
+    most rows it takes (on VNNI CPUs the kernel's is faster, and a floor must stay a lower bound)."""
+    from nomic_moe_inference.latency import gemm_rates
+
+    rates = gemm_rates("int8", M=256, H=64, I=128)
+    assert set(rates) == ({"library", "few-row kernel"} if kernel.int8 else {"library"})
+    assert all(r > 0 for r in rates.values())
+    assert set(gemm_rates("float32", M=64, H=32, I=32)) == {"library"}
