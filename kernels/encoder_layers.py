@@ -12,8 +12,7 @@ the two together).
 The structs point into the modules' packed copies and parameters. Each call first checks that
 everything they were made from is unchanged (``_Reads``: every attribute read, every parameter's
 address and version); where something changed, the parts are gathered again (the modules' own
-caches rebuild a copy after its weight changed) and the structs rebuilt where a copy or an address
-moved.
+caches rebuild a copy after its weight changed) and the structs made anew.
 """
 
 import ctypes
@@ -39,14 +38,12 @@ class _Layer(ctypes.Structure):
 
 
 class _Plan:
-    """The structs of one model's layers, with what they point into (kept alive here); layers None:
-    the call does not take this model (what decided it in ``reads``)."""
+    """One model's layers as the call takes them: the structs (None where the call does not take the
+    model), what they point into (kept alive here), and what they were made from (``reads``)."""
 
-    def __init__(self, key, layers, keep, moe_layers, experts, modules):
-        self.key, self.layers, self.keep = key, layers, keep
-        self.dtype, self.reads = None, None  # set by LayerRunner._plan
-        self.moe_layers, self.experts = moe_layers, experts
-        self.modules = modules  # every module inside the layers: whose hooks to honour (set at each gathering)
+    def __init__(self, dtype, reads, modules, layers=None, keep=(), moe_layers=0, experts=0):
+        self.dtype, self.reads, self.modules = dtype, reads, modules  # modules: whose hooks to honour
+        self.layers, self.keep, self.moe_layers, self.experts = layers, keep, moe_layers, experts
 
     def hooked(self) -> bool:
         """A hook on a module inside the layers (a server's routing counter, a user's probe) must see
@@ -101,16 +98,6 @@ def _version(t: torch.Tensor) -> int:
     return 0 if t.is_inference() else t._version  # an inference tensor has no counter, and cannot change
 
 
-def _identity(part):
-    """What a plan's key holds of a part: a tensor's address and dtype, a packed copy's identity (the
-    plan keeps it alive, so the identity is not reused), no bias as False."""
-    if isinstance(part, torch.Tensor):
-        return part.data_ptr(), part.dtype
-    if isinstance(part, tuple):
-        return tuple(_identity(p) for p in part)
-    return part if part is False else id(part)
-
-
 class LayerRunner:
     """encoder_layers.c's nm_encoder_layers for one loaded kernel (``kernel``: its SmallGemm)."""
 
@@ -163,18 +150,11 @@ class LayerRunner:
             return plan if plan.layers is not None else None
         reads = _Reads()
         parts = self._gather(model, dtype, reads)
-        if parts is None:
-            declined = _Plan(None, None, None, 0, 0, ())
-            declined.dtype, declined.reads = dtype, reads
-            self._plans[model] = declined
-            return None
-        key = tuple(_identity(p) for layer in parts for p in layer)
-        if plan is None or plan.layers is None or plan.key != key:
-            plan = self._build(parts, key, model)
-            self._plans[model] = plan
-        plan.dtype, plan.reads = dtype, reads
-        plan.modules = tuple(m for layer in model.encoder.layers for m in layer.modules())
-        return plan
+        modules = tuple(m for layer in model.encoder.layers for m in layer.modules())
+        # something changed (rare: a weight updated, a module swapped): the structs are made anew
+        plan = _Plan(dtype, reads, modules) if parts is None else self._build(parts, model, dtype, reads, modules)
+        self._plans[model] = plan
+        return plan if plan.layers is not None else None
 
     def _gather(self, model, dtype, r):
         """Each layer's packed matrices and float parameters, in _build's order, or None where a
@@ -252,7 +232,7 @@ class LayerRunner:
             return False if optional else None  # False: no bias (a part, not a refusal)
         return p if p.dtype == dtype and p.is_contiguous() else None
 
-    def _build(self, parts, key, model) -> _Plan:
+    def _build(self, parts, model, dtype, reads, modules) -> _Plan:
         keep, structs = [], []
         config = model.config
 
@@ -286,4 +266,4 @@ class LayerRunner:
                 s.experts, s.up, s.down = 0, mats(got[2]), mats(got[3])
             structs.append(s)
         layers = (_Layer * len(structs))(*structs)
-        return _Plan(key, layers, (keep, parts), moe_layers, config.num_experts, ())
+        return _Plan(dtype, reads, modules, layers, (keep, parts), moe_layers, config.num_experts)
