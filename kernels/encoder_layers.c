@@ -65,17 +65,14 @@ typedef struct {
   const void *expert_bias;          // [H]
 } nm_layer;
 
+// 16 values at p[i..] (the m lanes) of the activations' dtype, as fp32; stored back rounded as torch rounds.
 static inline __m512 load16(const void *p, int64_t i, int bf16, __mmask16 m) {
-  if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
-  __m256i b = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+  return bf16 ? bf16x16_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i)) : _mm512_maskz_loadu_ps(m, (const float *)p + i);
 }
 
 static inline void store16(void *p, int64_t i, int bf16, __mmask16 m, __m512 v) {
-  if (!bf16) { _mm512_mask_storeu_ps((float *)p + i, m, v); return; }
-  __m512i u = _mm512_castps_si512(v);  // round to nearest even, as torch rounds
-  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-  _mm256_mask_storeu_epi16((uint16_t *)p + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+  if (bf16) _mm256_mask_storeu_epi16((uint16_t *)p + i, m, ps_bf16x16(v));
+  else _mm512_mask_storeu_ps((float *)p + i, m, v);
 }
 
 // x = LayerNorm(x + a) over rows of H (post-LN: NomicMoELayer's norm1 and norm2). In bf16 the sum is
@@ -140,7 +137,7 @@ static void route(const void *x, int bf16, int64_t N, int64_t H, const float *wr
     }
     for (int64_t s = 0; s < k; s++) {
       float w = norm ? chosen[s] / total : chosen[s];
-      if (bf16) { uint16_t b; store16(&b, 0, 1, 1, _mm512_set1_ps(w)); ((uint16_t *)weights)[t * k + s] = b; }
+      if (bf16) ((uint16_t *)weights)[t * k + s] = f32_bf16(w);
       else ((float *)weights)[t * k + s] = w;
     }
   }

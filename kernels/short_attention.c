@@ -18,7 +18,7 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#include "vec_math.h"  // exp_le0: e^x for the scores less their row's maximum
+#include "vec_math.h"  // exp_le0: e^x for the scores less their row's maximum; bf16 rounding
 
 int nm_has_attention(void) { return 1; }
 
@@ -30,7 +30,7 @@ static void rope_row(const void *src, int bf16, int64_t D, const float *cos, con
   float x[MAXD];
   if (bf16) {
     const uint16_t *s = src;
-    for (int64_t d = 0; d < D; d++) { uint32_t u = (uint32_t)s[d] << 16; memcpy(&x[d], &u, 4); }
+    for (int64_t d = 0; d < D; d++) x[d] = bf16_f32(s[d]);
   } else {
     memcpy(x, src, (size_t)D * sizeof(float));
   }
@@ -120,7 +120,7 @@ static void attend_head(const char *qkv, int64_t ldq_bytes, int bf16, int64_t h,
     for (int64_t d = 0; d < D; d++) Kt[d * Lp + t] = row[d];
     const char *v = r + (2 * hD + hd * D) * es;
     if (bf16) {
-      for (int64_t d = 0; d < D; d++) { uint32_t u = (uint32_t)((const uint16_t *)v)[d] << 16; memcpy(&V[t * D + d], &u, 4); }
+      for (int64_t d = 0; d < D; d++) V[t * D + d] = bf16_f32(((const uint16_t *)v)[d]);
     } else {
       memcpy(V + t * D, v, (size_t)D * sizeof(float));
     }
@@ -151,12 +151,7 @@ static void attend_head(const char *qkv, int64_t ldq_bytes, int bf16, int64_t h,
 // the products in AVX512_BF16's pairwise dot products (twice the multiply-adds of an fp32 FMA), the
 // sums in fp32. Layouts, in pairs of bf16 (one 32-bit word): Q2 [Lq][D/2] (dims 2d, 2d+1), Kt2
 // [D/2][Lp] (a key's dims 2d, 2d+1), V2 [Lp/2][D] (tokens 2j, 2j+1 of a dim), P2 [QB][Lp/2].
-static inline uint32_t bf16_bits(float f) {  // round to nearest even
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return (u + 0x7FFF + ((u >> 16) & 1)) >> 16;
-}
-static inline uint32_t bf16_pair(float lo, float hi) { return bf16_bits(lo) | bf16_bits(hi) << 16; }
+static inline uint32_t bf16_pair(float lo, float hi) { return f32_bf16(lo) | (uint32_t)f32_bf16(hi) << 16; }
 
 static inline __attribute__((always_inline)) void scores_nc_bf16(const uint32_t *Q2, int64_t D2, const uint32_t *Kt2,
                                                                  int64_t Lp, int64_t j, float scale, float *S, const int nc) {

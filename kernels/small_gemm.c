@@ -22,7 +22,7 @@
 #if defined(__AVX512BF16__) || defined(__AVX512VNNI__)
 #include <immintrin.h>
 #endif
-#include "vec_math.h"  // gelu_ps: the int8 down products' GELU on the way in
+#include "vec_math.h"  // bf16 <-> fp32; gelu_ps: the MLPs' GELU inside a product
 
 #if defined(__AVX512F__)
 #define VW 16 /* floats per vector register */
@@ -178,13 +178,6 @@ int nm_moe_dispatch(const int64_t *experts, int64_t N, int64_t k, int64_t E, con
   return 0;
 }
 
-static inline float bf16_f32(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t f32_bf16(float f) {  // round to nearest even, as torch rounds
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-
 // y [N, H] = for each token, sum over its k slots in slot order of (weight x its expert's row of ys),
 // + bias; ys [N*k, H] in expert order (order from nm_moe_dispatch), weights [N*k] in (token, slot)
 // order. torch's roundings: in bf16 each product is rounded, the slot sum is taken in fp32 and
@@ -227,9 +220,7 @@ __attribute__((optimize("fp-contract=off"))) int nm_moe_combine(
 #if defined(__AVX512BF16__)
 int nm_has_bf16(void) { return 1; }
 
-static inline __m512 bf16_to_f32(const uint16_t *p) {  // 16 bf16 -> 16 fp32: the high half of each float
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
+static inline __m512 bf16_to_f32(const uint16_t *p) { return bf16x16_ps(_mm256_loadu_si256((const __m256i *)p)); }
 
 static inline __attribute__((always_inline)) void tile_bf16(
     const uint16_t *x, int64_t ldx, const int mt, int64_t K, const uint16_t *panel,

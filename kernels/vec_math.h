@@ -1,10 +1,28 @@
-// Vector math shared by the kernels (AVX-512, 16 floats at a time), each written for its callers'
-// ranges and accuracy: short_attention.c's softmax and small_gemm.c's int8 GELU.
+// Math shared by the kernels, each written for its callers' ranges and accuracy: bf16 <-> fp32 (every
+// file), and with AVX-512, 16 floats at a time, short_attention.c's softmax and the MLPs' GELU.
 #ifndef NM_VEC_MATH_H
 #define NM_VEC_MATH_H
-#if defined(__AVX512F__)
 #include <stdint.h>
+#include <string.h>
+
+// bf16 as its bit pattern (uint16): the high half of a float; rounded to nearest even, as torch rounds.
+static inline float bf16_f32(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+#if defined(__AVX512F__)
 #include <immintrin.h>
+
+// 16 bf16 -> 16 fp32, and back rounded as f32_bf16 (integer steps: no AVX512_BF16 needed).
+static inline __m512 bf16x16_ps(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
+static inline __m256i ps_bf16x16(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
 
 // The mask of a vector's first n lanes (none for n <= 0, all 16 from n >= 16): a row's ragged tail.
 static inline __mmask16 first_lanes(int64_t n) {
