@@ -207,6 +207,7 @@ class SmallGemm:
             self._gelu = lib.nm_gelu_f32
             self._gelu.argtypes, self._gelu.restype = [_PTR, _I64, _PTR], None
         self.attention_ok = bool(lib.nm_has_attention())  # AVX-512: RoPE + softmax attention in one call
+        self.fuses_gelu_float = self.attention_ok  # AVX-512 builds: the float products take gelu=True too
         self._attention = lib.nm_attention
         self._attention.argtypes = [_PTR, _I64, ctypes.c_int, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_float, _PTR,
                                     ctypes.c_int]
@@ -293,10 +294,10 @@ class SmallGemm:
     def linear_grouped(self, xs: torch.Tensor, bounds, packs, gelu: bool = False) -> torch.Tensor:
         """Rows grouped by expert: y[bounds[e]:bounds[e+1]] = linear(xs[bounds[e]:bounds[e+1]], packs[e]),
         the same sums, in one call (one parallel region for all the experts, no bias). ``packs``: a
-        list of Packed, or their Group (``group``). gelu=True (AVX-512, ``attention_ok``): F.gelu of
+        list of Packed, or their Group (``group``). gelu=True (``fuses_gelu_float``, AVX-512): F.gelu of
         each output as it is written (gelu_ps: within 1.5e-6 of F.gelu; in bf16 of the fp32 sum, then
         rounded once): an MLP's up product, as the encoder-layers call runs it."""
-        if gelu and not self.attention_ok:
+        if gelu and not self.fuses_gelu_float:
             raise ValueError("the float products take the GELU only where the kernel is built for AVX-512")
         dtype = packs.dtype if isinstance(packs, Group) else packs[0].panels.dtype if packs else torch.float32
         xs, y, c_bounds, group = self._groups(xs, bounds, packs, Packed, dtype)

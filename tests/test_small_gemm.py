@@ -495,7 +495,7 @@ def test_grouped_products_take_the_gelu_as_they_write(kernel, dtype):
     step of F.gelu of fp32 products of the same numbers)."""
     if dtype not in kernel.dtypes():
         pytest.skip("this CPU has no AVX512_BF16")
-    if not kernel.attention_ok:
+    if not kernel.fuses_gelu_float:
         with pytest.raises(ValueError, match="AVX-512"):
             kernel.linear_grouped(torch.randn(4, 8), [0, 4], [kernel.pack(torch.randn(8, 8))], gelu=True)
         return
