@@ -147,12 +147,12 @@ def print_report(r: dict) -> None:
                                             if fk["available"] else f"off: {fk['why']} (oneDNN's packed weights serve short queries)"))
         if fk["available"]:
             print("           " + ("RoPE + attention in one kernel call" if fk["attention"] else
-                                   "attention: torch's RoPE and SDPA (the kernel's attention needs AVX-512)")
+                                   "attention: torch's RoPE and SDPA (the kernel's attention needs AVX-512, or AVX2 with FMA)")
                   + f"; an MoE layer's routing in two kernel calls; packed weights in 2 MiB pages: THP {fk['huge_pages']}"
                   + ("; int8: the MLPs' GELU inside their down products" if fk.get("int8_gelu") else ""))
-            print("           " + ("a short input's encoder layers in one kernel call (forward without hooks, hidden states "
-                                   "or router logits)" if fk.get("layers_in_one_call") else
-                                   "the model's own loop over its layers (the one-call path needs AVX-512)"))
+            print("           " + (f"a short input's encoder layers in one kernel call, {', '.join(fk['dtypes'])} "
+                                   "(forward without hooks, hidden states or router logits)" if fk.get("layers_in_one_call") else
+                                   "the model's own loop over its layers (the one-call path needs AVX-512, or AVX2 with FMA)"))
     print(f"dtype      {r['dtype']}")
     if fk and fk["available"] and fk["attention"] and r["device"].startswith("CPU"):
         print(f"attention  the few-row kernel's RoPE + attention per text (where it is installed; else "

@@ -16,9 +16,9 @@
 #include <string.h>
 #include <math.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#include "vec_math.h"
+#include "vec_math.h"  // the float vector: AVX-512's 16 lanes or AVX2's 8, one source for both
+
+#if defined(NM_VEC)
 
 int nm_has_layers(void) { return 1; }
 
@@ -65,14 +65,15 @@ typedef struct {
   const void *expert_bias;          // [H]
 } nm_layer;
 
-// 16 values at p[i..] (the m lanes) of the activations' dtype, as fp32; stored back rounded as torch rounds.
-static inline __m512 load16(const void *p, int64_t i, int bf16, __mmask16 m) {
-  return bf16 ? bf16x16_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i)) : _mm512_maskz_loadu_ps(m, (const float *)p + i);
+// A vector of values at p[i..] (the m lanes) of the activations' dtype, as fp32; stored back rounded
+// as torch rounds.
+static inline vps load_act(const void *p, int64_t i, int bf16, vmask m) {
+  return bf16 ? vps_load_bf16(m, (const uint16_t *)p + i) : vps_maskz_load(m, (const float *)p + i);
 }
 
-static inline void store16(void *p, int64_t i, int bf16, __mmask16 m, __m512 v) {
-  if (bf16) _mm256_mask_storeu_epi16((uint16_t *)p + i, m, ps_bf16x16(v));
-  else _mm512_mask_storeu_ps((float *)p + i, m, v);
+static inline void store_act(void *p, int64_t i, int bf16, vmask m, vps v) {
+  if (bf16) vps_store_bf16((uint16_t *)p + i, m, v);
+  else vps_mask_store((float *)p + i, m, v);
 }
 
 // x = LayerNorm(x + a) over rows of H (post-LN: NomicMoELayer's norm1 and norm2). In bf16 the sum is
@@ -84,25 +85,25 @@ static void add_norm(void *x, const void *a, const void *w, const void *b, float
   for (int64_t t = 0; t < N; t++) {
     char *xr = (char *)x + t * H * es;
     const char *ar = (const char *)a + t * H * es;
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t i = 0; i < H; i += 16) {
-      __mmask16 m = first_lanes(H - i);
-      __m512 s = _mm512_add_ps(load16(xr, i, bf16, m), load16(ar, i, bf16, m));
-      store16(xr, i, bf16, m, s);  // the residual sum, rounded as torch rounds it
-      sum = _mm512_add_ps(sum, load16(xr, i, bf16, m));
+    vps sum = vps_zero();
+    for (int64_t i = 0; i < H; i += NM_VL) {
+      vmask m = first_lanes(H - i);
+      vps s = vps_add(load_act(xr, i, bf16, m), load_act(ar, i, bf16, m));
+      store_act(xr, i, bf16, m, s);  // the residual sum, rounded as torch rounds it
+      sum = vps_add(sum, load_act(xr, i, bf16, m));
     }
-    float mean = _mm512_reduce_add_ps(sum) / (float)H;
-    __m512 vm = _mm512_set1_ps(mean), sq = _mm512_setzero_ps();
-    for (int64_t i = 0; i < H; i += 16) {
-      __mmask16 m = first_lanes(H - i);
-      __m512 d = _mm512_maskz_sub_ps(m, load16(xr, i, bf16, m), vm);
-      sq = _mm512_fmadd_ps(d, d, sq);
+    float mean = vps_sum(sum) / (float)H;
+    vps vm = vps_set1(mean), sq = vps_zero();
+    for (int64_t i = 0; i < H; i += NM_VL) {
+      vmask m = first_lanes(H - i);
+      vps d = vps_maskz(m, vps_sub(load_act(xr, i, bf16, m), vm));
+      sq = vps_fmadd(d, d, sq);
     }
-    __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sq) / (float)H + eps));
-    for (int64_t i = 0; i < H; i += 16) {
-      __mmask16 m = first_lanes(H - i);
-      __m512 d = _mm512_mul_ps(_mm512_sub_ps(load16(xr, i, bf16, m), vm), rstd);
-      store16(xr, i, bf16, m, _mm512_fmadd_ps(d, load16(w, i, bf16, m), load16(b, i, bf16, m)));
+    vps rstd = vps_set1(1.0f / sqrtf(vps_sum(sq) / (float)H + eps));
+    for (int64_t i = 0; i < H; i += NM_VL) {
+      vmask m = first_lanes(H - i);
+      vps d = vps_mul(vps_sub(load_act(xr, i, bf16, m), vm), rstd);
+      store_act(xr, i, bf16, m, vps_fmadd(d, load_act(w, i, bf16, m), load_act(b, i, bf16, m)));
     }
   }
 }
@@ -115,12 +116,12 @@ static void route(const void *x, int bf16, int64_t N, int64_t H, const float *wr
   for (int64_t t = 0; t < N; t++) {
     float p[64], sum = 0.0f, top = -INFINITY;
     for (int64_t e = 0; e < E; e++) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t i = 0; i < H; i += 16) {
-        __mmask16 m = first_lanes(H - i);
-        acc = _mm512_fmadd_ps(load16(x, t * H + i, bf16, m), _mm512_maskz_loadu_ps(m, wr + e * H + i), acc);
+      vps acc = vps_zero();
+      for (int64_t i = 0; i < H; i += NM_VL) {
+        vmask m = first_lanes(H - i);
+        acc = vps_fmadd(load_act(x, t * H + i, bf16, m), vps_maskz_load(m, wr + e * H + i), acc);
       }
-      p[e] = _mm512_reduce_add_ps(acc);
+      p[e] = vps_sum(acc);
       top = p[e] > top ? p[e] : top;
     }
     for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(p[e] - top));
@@ -232,5 +233,5 @@ int nm_encoder_layers(const nm_layer *layers, int64_t L, void *x, int bf16, int6
   return status;
 }
 #else
-int nm_has_layers(void) { return 0; }  // AVX2 and others: the model's own forward (no attention call here)
+int nm_has_layers(void) { return 0; }  // no vector unit these files are written for: the model's own forward
 #endif

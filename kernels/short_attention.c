@@ -10,30 +10,31 @@
 // bounds: [B+1] token offsets of the texts; cos, sin: [N, D] fp32, each token's RoPE angles
 // (GPT-NeoX "rotate half": x * cos + cat(-x2, x1) * sin). ctx: [N, h, D] contiguous.
 // Each (text, head) is one task: q and k roped and scaled into fp32 buffers, k transposed so that
-// 16 keys' scores come from one vector sum, softmax with a vector exp, then the weighted sum of v.
+// a vector of keys' scores comes from one vector sum, softmax with a vector exp, then the weighted
+// sum of v. Written once for both vector widths (vec_math.h: AVX-512's 16 floats, AVX2's 8); bf16
+// activations where the CPU has AVX512_BF16's products.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include "vec_math.h"  // the float vector (AVX-512 or AVX2); exp_le0: e^x for the scores less their row's maximum
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#include "vec_math.h"  // exp_le0: e^x for the scores less their row's maximum; bf16 rounding
-
+#if defined(NM_VEC)
 int nm_has_attention(void) { return 1; }
 
-#define MAXD 128  // head sizes up to this (multiples of 16): the output row stays in registers
+#define MAXD 128  // head sizes up to this (multiples of 16)
+#define QB 4      // queries a block
+#if NM_VL == 16
+#define KV 4  // vectors of keys a score block (64 keys): QB x KV sums of the 32 vector registers
+#define OV 8  // output vectors a pass over v: a whole head of up to 128 in registers
+#else
+#define KV 2  // AVX2's 16 registers: QB x 2 sums, the keys and a broadcast
+#define OV 2
+#endif
 
-// One token's q or k (D values of dtype `bf16 ? uint16 : float`), roped and scaled, into fp32 `out`.
-static void rope_row(const void *src, int bf16, int64_t D, const float *cos, const float *sin, float scale,
-                     float *out) {
-  float x[MAXD];
-  if (bf16) {
-    const uint16_t *s = src;
-    for (int64_t d = 0; d < D; d++) x[d] = bf16_f32(s[d]);
-  } else {
-    memcpy(x, src, (size_t)D * sizeof(float));
-  }
+// One token's q or k (D values), roped and scaled, into fp32 `out`.
+static void rope_row(const float *restrict x, int64_t D, const float *restrict cos, const float *restrict sin, float scale,
+                     float *restrict out) {
   int64_t half = D / 2;
   for (int64_t d = 0; d < half; d++) {
     out[d] = (x[d] * cos[d] - x[d + half] * sin[d]) * scale;
@@ -41,37 +42,34 @@ static void rope_row(const void *src, int bf16, int64_t D, const float *cos, con
   }
 }
 
-static inline __mmask16 real_keys(int64_t j, int64_t L) {  // which of keys j..j+15 exist
-  return first_lanes(L - j);
-}
-
-#define QB 4  // queries a block
-
-// Scores of queries Q[0..QB) (rows of D) against keys j..j+16*nc-1 (Kt zero beyond L), nc <= 4 vectors
-// of 16 keys: QB x nc independent sums. nc is a constant once inlined into scores_block's switch.
+// Scores of queries Q[0..QB) (rows of D) against keys j..j+NM_VL*nc-1 (Kt zero beyond L), nc <= KV
+// vectors of keys: QB x nc independent sums. nc is a constant once inlined into scores_block's switch.
 static inline __attribute__((always_inline)) void scores_nc(const float *Q, int64_t D, const float *Kt, int64_t Lp,
                                                             int64_t j, float *S, const int nc) {
-  __m512 a[QB][4];
+  vps a[QB][KV];
   for (int r = 0; r < QB; r++)
-    for (int c = 0; c < nc; c++) a[r][c] = _mm512_setzero_ps();
+    for (int c = 0; c < nc; c++) a[r][c] = vps_zero();
   for (int64_t d = 0; d < D; d++) {
     const float *k = Kt + d * Lp + j;
-    __m512 kc[4];
-    for (int c = 0; c < nc; c++) kc[c] = _mm512_loadu_ps(k + 16 * c);
+    vps kc[KV];
+    for (int c = 0; c < nc; c++) kc[c] = vps_load(k + NM_VL * c);
     for (int r = 0; r < QB; r++) {
-      __m512 x = _mm512_set1_ps(Q[r * D + d]);
-      for (int c = 0; c < nc; c++) a[r][c] = _mm512_fmadd_ps(x, kc[c], a[r][c]);
+      vps x = vps_set1(Q[r * D + d]);
+      for (int c = 0; c < nc; c++) a[r][c] = vps_fmadd(x, kc[c], a[r][c]);
     }
   }
   for (int r = 0; r < QB; r++)
-    for (int c = 0; c < nc; c++) _mm512_storeu_ps(S + r * Lp + j + 16 * c, a[r][c]);
+    for (int c = 0; c < nc; c++) vps_store(S + r * Lp + j + NM_VL * c, a[r][c]);
 }
 
-// The keys in blocks of 64 and the rest in 16s: a 32-token text computes 32 keys' scores, not 64.
+// The keys in blocks of KV vectors and the rest a vector at a time: a 32-token text computes 32
+// keys' scores, not 64.
 static void scores_block(const float *Q, int64_t D, const float *Kt, int64_t Lp, int64_t j, float *S) {
-  switch (Lp - j >= 64 ? 4 : (int)(Lp - j) / 16) {
+  switch (Lp - j >= KV * NM_VL ? KV : (int)(Lp - j) / NM_VL) {
+#if KV == 4
     case 4: scores_nc(Q, D, Kt, Lp, j, S, 4); break;
     case 3: scores_nc(Q, D, Kt, Lp, j, S, 3); break;
+#endif
     case 2: scores_nc(Q, D, Kt, Lp, j, S, 2); break;
     case 1: scores_nc(Q, D, Kt, Lp, j, S, 1); break;
   }
@@ -79,70 +77,80 @@ static void scores_block(const float *Q, int64_t D, const float *Kt, int64_t Lp,
 
 // Row S[0..L) of scores -> softmax weights in place (zeros up to Lp); returns 1 / their sum.
 static inline float softmax_row(float *S, int64_t L, int64_t Lp) {
-  __m512 mx = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < Lp; j += 16)
-    mx = _mm512_mask_max_ps(mx, real_keys(j, L), mx, _mm512_loadu_ps(S + j));
-  __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < Lp; j += 16) {
-    __m512 p = _mm512_maskz_mov_ps(real_keys(j, L), exp_le0(_mm512_sub_ps(_mm512_loadu_ps(S + j), m)));
-    _mm512_storeu_ps(S + j, p);
-    sum = _mm512_add_ps(sum, p);
+  vps mx = vps_set1(-INFINITY);
+  for (int64_t j = 0; j < Lp; j += NM_VL) mx = vps_max(mx, vps_select(first_lanes(L - j), vps_load(S + j), mx));
+  vps m = vps_set1(vps_hmax(mx)), sum = vps_zero();
+  for (int64_t j = 0; j < Lp; j += NM_VL) {
+    vps p = vps_maskz(first_lanes(L - j), exp_le0(vps_sub(vps_load(S + j), m)));
+    vps_store(S + j, p);
+    sum = vps_add(sum, p);
   }
-  return 1.0f / _mm512_reduce_add_ps(sum);
+  return 1.0f / vps_sum(sum);
 }
 
-static inline void store_row(__m512 *o, int64_t nv, float inv, int bf16, char *out) {
-  for (int64_t c = 0; c < nv; c++) {
-    __m512 y = _mm512_mul_ps(o[c], _mm512_set1_ps(inv));
-    if (bf16) {  // round to nearest even, as torch rounds
-      __m512i u = _mm512_castps_si512(y);
-      u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16),
-                                                                                           _mm512_set1_epi32(1))));
-      _mm256_storeu_si256((__m256i *)(out + 32 * c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-    } else {
-      _mm512_storeu_ps((float *)out + 16 * c, y);
+// Output vectors c0..c0+nc of QB rows, scaled by each row's 1 / sum, to ctx rows (bf16: rounded to
+// nearest even, as torch rounds; rows past the text's end are not stored).
+static inline __attribute__((always_inline)) void store_rows(vps o[QB][OV], int64_t c0, int nc, const float *inv, int rows, int bf16, char *out,
+                              int64_t ldc_bytes) {
+  for (int r = 0; r < rows; r++)
+    for (int c = 0; c < nc; c++) {
+      vps y = vps_mul(o[r][c], vps_set1(inv[r]));
+      if (bf16) vps_store_bf16((uint16_t *)(out + r * ldc_bytes) + NM_VL * (c0 + c), first_lanes(NM_VL), y);
+      else vps_store((float *)(out + r * ldc_bytes) + NM_VL * (c0 + c), y);
+    }
+}
+
+// Output vectors c0..c0+nc (nc a constant once inlined: the sums stay in registers) of QB queries
+// rows: their softmax weights S [QB][Lp] times V [L][D], stored scaled by each row's 1 / sum.
+static inline __attribute__((always_inline)) void weighted_v(const float *S, int64_t Lp, const float *V, int64_t D,
+                                                             int64_t L, int64_t c0, const int nc, const float *inv,
+                                                             int rows, char *out, int64_t ldc_bytes) {
+  vps o[QB][OV];
+  for (int r = 0; r < QB; r++)
+    for (int c = 0; c < nc; c++) o[r][c] = vps_zero();
+  for (int64_t j = 0; j < L; j++) {
+    const float *vj = V + j * D + NM_VL * c0;
+    for (int c = 0; c < nc; c++) {
+      vps vc = vps_load(vj + NM_VL * c);
+      for (int r = 0; r < QB; r++) o[r][c] = vps_fmadd(vps_set1(S[r * Lp + j]), vc, o[r][c]);
     }
   }
+  store_rows(o, c0, nc, inv, rows, 0, out, ldc_bytes);
 }
 
-// One text's tokens [lo, lo+L), one head. buf: the thread's scratch, 3*Lp*D + QB*Lp floats (Lp: L up to 16s).
-static void attend_head(const char *qkv, int64_t ldq_bytes, int bf16, int64_t h, int64_t hd, int64_t D,
-                        int64_t lo, int64_t L, const float *cos, const float *sin, float scale,
-                        char *ctx, int64_t ldc_bytes, float *buf) {
-  const int64_t Lp = (L + 15) & ~(int64_t)15, es = bf16 ? 2 : 4, hD = h * D, nv = D / 16;
+// One text's tokens [lo, lo+L), one head, fp32. buf: the thread's scratch, 3*Lp*D + QB*Lp floats (Lp:
+// L up to 16s).
+static void attend_head(const float *qkv, int64_t ldq, int64_t h, int64_t hd, int64_t D, int64_t lo, int64_t L,
+                        const float *cos, const float *sin, float scale, float *ctx, int64_t ldc, float *buf) {
+  const int64_t Lp = (L + 15) & ~(int64_t)15, hD = h * D, nv = D / NM_VL;
   float *Q = buf, *Kt = Q + Lp * D, *V = Kt + Lp * D, *S = V + Lp * D;  // Q [Lp][D], Kt [D][Lp], V [L][D], S [QB][Lp]
   float row[MAXD];
   for (int64_t t = 0; t < L; t++) {
-    const char *r = qkv + (lo + t) * ldq_bytes;
-    const float *c = cos + (lo + t) * D, *s = sin + (lo + t) * D;
-    rope_row(r + hd * D * es, bf16, D, c, s, scale, Q + t * D);
-    rope_row(r + (hD + hd * D) * es, bf16, D, c, s, 1.0f, row);
+    const float *r = qkv + (lo + t) * ldq, *c = cos + (lo + t) * D, *s = sin + (lo + t) * D;
+    rope_row(r + hd * D, D, c, s, scale, Q + t * D);
+    rope_row(r + hD + hd * D, D, c, s, 1.0f, row);
     for (int64_t d = 0; d < D; d++) Kt[d * Lp + t] = row[d];
-    const char *v = r + (2 * hD + hd * D) * es;
-    if (bf16) {
-      for (int64_t d = 0; d < D; d++) V[t * D + d] = bf16_f32(((const uint16_t *)v)[d]);
-    } else {
-      memcpy(V + t * D, v, (size_t)D * sizeof(float));
-    }
+    memcpy(V + t * D, r + 2 * hD + hd * D, (size_t)D * sizeof(float));
   }
   for (int64_t d = 0; d < D; d++) memset(Kt + d * Lp + L, 0, (size_t)(Lp - L) * sizeof(float));
   int64_t Lq = (L + QB - 1) / QB * QB;
   memset(Q + L * D, 0, (size_t)((Lq - L) * D) * sizeof(float));  // the last block's missing queries: computed, not stored
   for (int64_t i = 0; i < L; i += QB) {  // QB queries at a time: QB times the independent sums per key loaded
-    for (int64_t j = 0; j < Lp; j += 64) scores_block(Q + i * D, D, Kt, Lp, j, S);
+    for (int64_t j = 0; j < Lp; j += KV * NM_VL) scores_block(Q + i * D, D, Kt, Lp, j, S);
     float inv[QB];
     for (int r = 0; r < QB; r++) inv[r] = softmax_row(S + r * Lp, L, Lp);
-    __m512 o[QB][MAXD / 16];
-    for (int r = 0; r < QB; r++)
-      for (int64_t c = 0; c < nv; c++) o[r][c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < L; j++) {
-      const float *vj = V + j * D;
-      for (int64_t c = 0; c < nv; c++) {
-        __m512 vc = _mm512_loadu_ps(vj + 16 * c);
-        for (int r = 0; r < QB; r++) o[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(S[r * Lp + j]), vc, o[r][c]);
+    int rows = L - i < QB ? (int)(L - i) : QB;
+    char *out = (char *)(ctx + (lo + i) * ldc + hd * D);
+    for (int64_t c0 = 0; c0 < nv; c0 += OV) {  // OV output vectors of each row at a time, in registers
+      switch (nv - c0 < OV ? (int)(nv - c0) : OV) {
+#define CASE(n) case n: weighted_v(S, Lp, V, D, L, c0, n, inv, rows, out, ldc * 4); break;
+        CASE(1) CASE(2)
+#if OV == 8
+        CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#endif
+#undef CASE
       }
     }
-    for (int r = 0; r < QB && i + r < L; r++) store_row(o[r], nv, inv[r], bf16, ctx + (lo + i + r) * ldc_bytes + hd * D * es);
   }
 }
 
@@ -186,12 +194,15 @@ static void attend_head_bf16(const char *qkv, int64_t ldq_bytes, int64_t h, int6
   const int64_t Lp = (L + 15) & ~(int64_t)15, hD = h * D, nv = D / 16, D2 = D / 2, Lq = (L + QB - 1) / QB * QB;
   uint32_t *Q2 = (uint32_t *)buf, *Kt2 = Q2 + Lp * D2, *V2 = Kt2 + D2 * Lp, *P2 = V2 + Lp / 2 * D;
   float *S = (float *)(P2 + QB * Lp / 2);
-  float q[MAXD], k[MAXD];
+  float q[MAXD], k[MAXD], x[MAXD];
   for (int64_t t = 0; t < L; t++) {
     const char *r = qkv + (lo + t) * ldq_bytes;
     const float *c = cos + (lo + t) * D, *s = sin + (lo + t) * D;
-    rope_row(r + hd * D * 2, 1, D, c, s, 1.0f, q);
-    rope_row(r + (hD + hd * D) * 2, 1, D, c, s, 1.0f, k);
+    const uint16_t *qt = (const uint16_t *)(r + hd * D * 2), *kt = (const uint16_t *)(r + (hD + hd * D) * 2);
+    for (int64_t d = 0; d < D; d++) x[d] = bf16_f32(qt[d]);
+    rope_row(x, D, c, s, 1.0f, q);
+    for (int64_t d = 0; d < D; d++) x[d] = bf16_f32(kt[d]);
+    rope_row(x, D, c, s, 1.0f, k);
     const uint16_t *v = (const uint16_t *)(r + (2 * hD + hd * D) * 2);
     for (int64_t d = 0; d < D2; d++) {
       Q2[t * D2 + d] = bf16_pair(q[2 * d], q[2 * d + 1]);
@@ -213,7 +224,7 @@ static void attend_head_bf16(const char *qkv, int64_t ldq_bytes, int64_t h, int6
       inv[r] = softmax_row(S + r * Lp, L, Lp);
       for (int64_t j = 0; j < Lp; j += 2) P2[r * (Lp / 2) + j / 2] = bf16_pair(S[r * Lp + j], S[r * Lp + j + 1]);
     }
-    __m512 o[QB][MAXD / 16];
+    vps o[QB][OV];  // OV = 8 vectors of 16: a whole head
     for (int r = 0; r < QB; r++)
       for (int64_t c = 0; c < nv; c++) o[r][c] = _mm512_setzero_ps();
     for (int64_t j2 = 0; j2 < (L + 1) / 2; j2++) {
@@ -224,7 +235,7 @@ static void attend_head_bf16(const char *qkv, int64_t ldq_bytes, int64_t h, int6
           o[r][c] = _mm512_dpbf16_ps(o[r][c], (__m512bh)_mm512_set1_epi32((int)P2[r * (Lp / 2) + j2]), vc);
       }
     }
-    for (int r = 0; r < QB && i + r < L; r++) store_row(o[r], nv, inv[r], 1, ctx + (lo + i + r) * ldc_bytes + hd * D * 2);
+    store_rows(o, 0, (int)nv, inv, L - i < QB ? (int)(L - i) : QB, 1, ctx + (lo + i) * ldc_bytes + hd * D * 2, ldc_bytes);
   }
 }
 #define BF16_PRODUCTS 1
@@ -232,10 +243,10 @@ static void attend_head_bf16(const char *qkv, int64_t ldq_bytes, int64_t h, int6
 #define BF16_PRODUCTS 0
 #endif
 
-// Returns 0, -1 for a head size it does not take, -2 where its scratch could not be had.
+// Returns 0, -1 for a head size or a dtype it does not take, -2 where its scratch could not be had.
 int nm_attention(const void *qkv, int64_t ldq, int bf16, int64_t h, int64_t D, int64_t B, const int64_t *bounds,
                  const float *cos, const float *sin, float scale, void *ctx, int nthreads) {
-  if (D % 16 || D > MAXD || D < 16) return -1;
+  if (D % 16 || D > MAXD || D < 16 || (bf16 && !BF16_PRODUCTS)) return -1;
   int64_t Lmax = 0;
   for (int64_t b = 0; b < B; b++) Lmax = bounds[b + 1] - bounds[b] > Lmax ? bounds[b + 1] - bounds[b] : Lmax;
   const int64_t Lp = (Lmax + 63) & ~(int64_t)63;
@@ -257,14 +268,14 @@ int nm_attention(const void *qkv, int64_t ldq, int bf16, int64_t h, int64_t D, i
         continue;
       }
 #endif
-      attend_head(qkv, ldq * (bf16 ? 2 : 4), bf16, h, hd, D, lo, L, cos, sin, scale, ctx, h * D * (bf16 ? 2 : 4), buf);
+      attend_head(qkv, ldq, h, hd, D, lo, L, cos, sin, scale, ctx, h * D, buf);
     }
     free(buf);
   }
   return failed ? -2 : 0;
 }
 #else
-int nm_has_attention(void) { return 0; }  // AVX2 and others keep torch's RoPE and SDPA
+int nm_has_attention(void) { return 0; }  // no vector unit this file is written for: torch's RoPE and SDPA
 int nm_attention(const void *qkv, int64_t ldq, int bf16, int64_t h, int64_t D, int64_t B, const int64_t *bounds,
                  const float *cos, const float *sin, float scale, void *ctx, int nthreads) {
   return -1;

@@ -40,6 +40,15 @@ static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v;
 
 int nm_panel_width(void) { return NB; }
 
+// Whether the float products take gelu=1 (a build with a vector GELU: AVX-512, or AVX2 + FMA).
+int nm_fuses_gelu(void) {
+#if defined(NM_VEC)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // Memory for packed weights, in 2 MiB pages where the OS gives them (Linux THP in "madvise" or
 // "always" mode). A short query streams every expert matrix once per layer; with 4 KiB pages that
 // is a TLB miss, and a stop of the hardware prefetcher, every 4 KiB (RESULTS.md: 1.05-1.10x on the
@@ -84,9 +93,9 @@ static inline __attribute__((always_inline)) void tile_f32(
     memcpy(out, &acc[m][0], sizeof(vf));
     memcpy(out + VW, &acc[m][1], sizeof(vf));
     for (int j = 0; j < NB; j++) out[j] += bias && j < ncols ? bias[j] : 0.0f;
-#if defined(__AVX512F__)
+#if defined(NM_VEC)
     if (gelu)  // an MLP's up product: F.gelu of each output as it is written (gelu_ps, vec_math.h)
-      for (int h = 0; h < NB; h += VW) _mm512_storeu_ps(out + h, gelu_ps(_mm512_loadu_ps(out + h)));
+      for (int h = 0; h < NB; h += NM_VL) vps_store(out + h, gelu_ps(vps_load(out + h)));
 #endif
     memcpy(y + m * ldy, out, (size_t)ncols * sizeof(float));
   }
@@ -130,8 +139,8 @@ static inline int panel_cols(int64_t N, int64_t p) { return (int)(N - p * NB < N
 // ldy) the same rows. Each thread takes its share of every expert's panels and goes on to the next
 // expert without waiting (nowait): one parallel region, no barrier between experts, and no Python
 // between two experts' products. One expert (E = 1, bounds {0, M}) is a plain product: nm_linear_f32.
-// gelu: F.gelu of every output as it is written (gelu_ps; AVX-512 builds, where the encoder-layers
-// call, its only caller that asks, runs; an MLP's up product then needs no GELU pass of its own).
+// gelu: F.gelu of every output as it is written (gelu_ps; builds where nm_fuses_gelu says so, as the
+// encoder-layers call, its only caller that asks, does; an MLP's up product then needs no GELU pass).
 void nm_grouped_f32(const float *x, int64_t ldx, int64_t K, int64_t E, const int64_t *bounds,
                     const float *const *wps, int64_t N, const float *bias, float *y, int64_t ldy, int gelu, int nthreads) {
   int64_t panels = (N + NB - 1) / NB;

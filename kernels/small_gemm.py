@@ -206,8 +206,8 @@ class SmallGemm:
         if self.int8:
             self._gelu = lib.nm_gelu_f32
             self._gelu.argtypes, self._gelu.restype = [_PTR, _I64, _PTR], None
-        self.attention_ok = bool(lib.nm_has_attention())  # AVX-512: RoPE + softmax attention in one call
-        self.fuses_gelu_float = self.attention_ok  # AVX-512 builds: the float products take gelu=True too
+        self.attention_ok = bool(lib.nm_has_attention())  # AVX-512 or AVX2: RoPE + softmax attention in one call
+        self.fuses_gelu_float = bool(lib.nm_fuses_gelu())  # the float products take gelu=True too
         self._attention = lib.nm_attention
         self._attention.argtypes = [_PTR, _I64, ctypes.c_int, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_float, _PTR,
                                     ctypes.c_int]
@@ -222,7 +222,7 @@ class SmallGemm:
         for fn in self._grouped.values():
             fn.argtypes, fn.restype = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int, ctypes.c_int], None
         self._max_rows = {dtype: MAX_ROWS[dtype] for dtype in self.dtypes()}  # accepts(), asked before every product
-        self.layers = LayerRunner(lib, self) if lib.nm_has_layers() else None  # AVX-512: a model's layers in one call
+        self.layers = LayerRunner(lib, self) if lib.nm_has_layers() else None  # AVX-512 or AVX2: a model's layers in one call
 
     def dtypes(self):
         """What it computes: fp32, bf16 (AVX512_BF16) and int8 (per-token activations, AVX512_VNNI)."""
@@ -294,11 +294,11 @@ class SmallGemm:
     def linear_grouped(self, xs: torch.Tensor, bounds, packs, gelu: bool = False) -> torch.Tensor:
         """Rows grouped by expert: y[bounds[e]:bounds[e+1]] = linear(xs[bounds[e]:bounds[e+1]], packs[e]),
         the same sums, in one call (one parallel region for all the experts, no bias). ``packs``: a
-        list of Packed, or their Group (``group``). gelu=True (``fuses_gelu_float``, AVX-512): F.gelu of
+        list of Packed, or their Group (``group``). gelu=True (``fuses_gelu_float``, AVX-512 or AVX2): F.gelu of
         each output as it is written (gelu_ps: within 1.5e-6 of F.gelu; in bf16 of the fp32 sum, then
         rounded once): an MLP's up product, as the encoder-layers call runs it."""
         if gelu and not self.fuses_gelu_float:
-            raise ValueError("the float products take the GELU only where the kernel is built for AVX-512")
+            raise ValueError("the float products take the GELU only where the kernel is built for AVX-512 or AVX2")
         dtype = packs.dtype if isinstance(packs, Group) else packs[0].panels.dtype if packs else torch.float32
         xs, y, c_bounds, group = self._groups(xs, bounds, packs, Packed, dtype)
         if xs.shape[0]:
@@ -368,7 +368,7 @@ class SmallGemm:
         N, three, h, D = qkv.shape
         if three != 3 or not self.accepts_attention(qkv.dtype, D):
             raise ValueError(f"the attention kernel takes [N, 3, h, D] fp32{' or bf16' if self.bf16 else ''} with D a "
-                             f"multiple of 16 up to 128 (AVX-512: {'yes' if self.attention_ok else 'no'}), not "
+                             f"multiple of 16 up to 128 (AVX-512 or AVX2: {'yes' if self.attention_ok else 'no'}), not "
                              f"{tuple(qkv.shape)} {qkv.dtype}")
         if qkv.stride()[1:] != (h * D, D, 1):
             qkv = qkv.contiguous()

@@ -75,3 +75,19 @@ def released_both(ckpts, tmp_path_factory):
     out = tmp_path_factory.mktemp("release") / "repo"
     result = release(str(ckpts.source(**RELEASE_SHAPE)), str(out), repo_id=RELEASE_REPO, synthetic=True, layout_name="both")
     return {"main": result.folders["main"], "published": result.folders["nomic-bert"], "result": result, "out": out}
+
+
+@pytest.fixture(scope="session")
+def avx2_kernel():
+    """The CPU kernel as an AVX2-only CPU builds it (8-float vectors, no bf16 or int8 products), run
+    on this one: its paths are tested on any x86 CPU, whatever the CPU's own build takes."""
+    from nomic_moe_kernels import small_gemm
+
+    if small_gemm.compiler() is None:
+        pytest.skip("no C compiler here")
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or "avx2" not in cpuinfo.read_text() or " fma" not in cpuinfo.read_text():
+        pytest.skip("this CPU cannot run AVX2 code")
+    k = small_gemm.SmallGemm(small_gemm.build(march="haswell"))
+    assert k.layers is not None and k.attention_ok and k.fuses_gelu_float and k.dtypes() == (torch.float32,)
+    return k

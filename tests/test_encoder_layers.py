@@ -21,8 +21,14 @@ def kernel():
         pytest.skip(f"no C compiler here: {small_gemm.why_unavailable()}")
     assert k is not None, f"a C compiler is here, yet the kernel did not build: {small_gemm.why_unavailable()}"
     if k.layers is None:
-        pytest.skip("the encoder-layers call needs AVX-512 (this CPU's kernel runs the model's loop)")
+        pytest.skip("the encoder-layers call needs AVX-512, or AVX2 with FMA (this CPU's kernel runs the model's loop)")
     return k
+
+
+@pytest.fixture(params=["native", "avx2"])
+def any_kernel(request):
+    """This CPU's kernel, then the AVX2 build's: the one call is written once for both vector widths."""
+    return request.getfixturevalue("kernel" if request.param == "native" else "avx2_kernel")
 
 
 class CountRuns:
@@ -67,7 +73,8 @@ def looped(model, **inputs):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_one_call_matches_the_plain_reference(kernel, models, name, monkeypatch):
+def test_one_call_matches_the_plain_reference(any_kernel, models, name, monkeypatch):
+    kernel = any_kernel
     model, W, cfg = with_kernel(models, name, kernel)
     runs = CountRuns(kernel.layers, monkeypatch)
     for lengths in ([1], [5, 17, 3, 9], [40, 2, 70]):
@@ -81,7 +88,8 @@ def test_one_call_matches_the_plain_reference(kernel, models, name, monkeypatch)
     assert runs.ran == 3 and runs.declined == 3  # the looped() calls
 
 
-def test_batch_invariance_in_one_call(kernel, models, monkeypatch):
+def test_batch_invariance_in_one_call(any_kernel, models, monkeypatch):
+    kernel = any_kernel
     model, _, cfg = with_kernel(models, "8x2", kernel)
     runs = CountRuns(kernel.layers, monkeypatch)
     lengths = [3, 11, 30, 7, 60]
@@ -216,3 +224,20 @@ def test_a_model_the_call_does_not_take_is_refused_fast_until_it_changes(kernel,
         assert runs.ran == 1 and len(gathered) == 2
         loop = looped(model, input_ids=ids, attention_mask=mask).last_hidden_state
     assert (out - loop).abs().max().item() <= ATOL
+
+
+def test_the_avx2_build_leaves_bf16_and_int8_models_to_the_loop(avx2_kernel, kernel, models, monkeypatch):
+    """Without bf16 or int8 products (AVX2), a bf16 model or an int8 one is refused by the call and
+    runs the model's own loop (torch's bf16, the library's int8), as it did before the AVX2 call."""
+    runs = CountRuns(avx2_kernel.layers, monkeypatch)
+    _, _, cfg = models("8x2")
+    ids, mask = random_batch([5, 17], cfg["vocab_size"], seed=9)
+    bf16, _, _ = with_kernel(models, "8x2", avx2_kernel)
+    bf16 = bf16.to(torch.bfloat16)
+    int8, _, _ = with_kernel(models, "8x2", avx2_kernel)
+    int8.quantize_int8(activations="per_token")
+    with torch.no_grad():
+        for model in (bf16, int8):
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert torch.isfinite(out.float()).all()
+    assert runs.ran == 0 and runs.declined == 2

@@ -75,7 +75,7 @@ def test_short_batches_through_the_graphs_path_match_the_model(ckpts):
 
 
 def test_a_short_batch_runs_its_layers_in_one_kernel_call(ckpts):
-    """Where the CPU kernel runs every layer in one call (AVX-512), a short batch takes it: no steps to
+    """Where the CPU kernel runs every layer in one call (AVX-512, or AVX2 with FMA), a short batch takes it: no steps to
     preempt, the model's vectors, and the routing counts the metrics read come from the call."""
     b = TorchBackend(ckpts.converted(), threads=1)
     kernel = b.model.cpu_kernel if hasattr(b.model, "cpu_kernel") else None

@@ -29,6 +29,13 @@ def kernel():
     return k
 
 
+@pytest.fixture(params=["native", "avx2"])
+def any_kernel(request):
+    """This CPU's kernel, then the AVX2 build's (conftest.avx2_kernel): the attention and the GELU are
+    written once for both vector widths."""
+    return request.getfixturevalue("kernel" if request.param == "native" else "avx2_kernel")
+
+
 def test_doctor_reports_what_the_kernel_does(kernel):
     """`nomic-moe doctor --json` on this CPU: the kernel's dtypes, attention and the int8 GELU."""
     r = subprocess.run([sys.executable, "-m", "nomic_moe_cli", "doctor", "--json"], capture_output=True, text=True, timeout=300)
@@ -222,9 +229,10 @@ def rope_then_attention(qkv, lengths, dtype):
 
 
 @pytest.mark.parametrize("heads,D", [(3, 16), (12, 64), (2, 128)])
-def test_attention_kernel_is_rope_then_sdpa_per_text(kernel, heads, D):
+def test_attention_kernel_is_rope_then_sdpa_per_text(any_kernel, heads, D):
+    kernel = any_kernel
     if not kernel.attention_ok:
-        pytest.skip("the attention kernel needs AVX-512")
+        pytest.skip("the attention kernel needs AVX-512 or AVX2")
     lengths = [1, 5, 17, 40, 2, 70]  # one token, tails of every size against the 16- and 64-wide blocks
     g = torch.Generator().manual_seed(heads * D)
     qkv = torch.randn(sum(lengths), 3, heads, D, generator=g) * 2  # scores of std ~4: peaked softmax rows
@@ -259,7 +267,7 @@ def test_attention_kernel_in_bf16_is_as_close_to_fp32_as_torchs_own(kernel):
 
 def test_attention_kernel_refuses_what_it_cannot_take(kernel):
     if not kernel.attention_ok:
-        pytest.skip("the attention kernel needs AVX-512")
+        pytest.skip("the attention kernel needs AVX-512 or AVX2")
     cos = sin = torch.zeros(4, 16)
     assert not kernel.accepts_attention(torch.float32, 24) and not kernel.accepts_attention(torch.float32, 144)
     assert not kernel.accepts_attention(torch.float16, 64)
@@ -298,7 +306,7 @@ def test_model_with_the_kernel_matches_the_plain_reference(kernel, models):
                 assert (out[b][mask[b].bool()] - embed_one(W, cfg, row)).abs().max().item() <= ATOL
         # it took every product here: attention, dense MLP and each MoE layer's experts, all at once
         assert spy.calls > 0 and spy.grouped > 0 and max(spy.rows) <= small_gemm.MAX_ROWS[torch.float32]
-        # and RoPE + attention, where this CPU has the attention kernel (AVX-512)
+        # and RoPE + attention, where this CPU has the attention kernel (AVX-512, or AVX2 with FMA)
         assert spy.attentions == (3 * len(model.encoder.layers) if kernel.attention_ok else 0)
         assert model.encoder.layers[0].attn.last_used == ("cpu kernel (RoPE + attention)" if kernel.attention_ok else "sdpa_per_text")
         experts = next(l for l in model.encoder.layers if l.is_moe).mlp.experts
@@ -488,15 +496,16 @@ def test_grouped_products_are_the_per_expert_products(kernel, dtype):
         kernel.linear_int8_grouped(xs.float(), BOUNDS, group)  # a float group on the int8 call
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_products_take_the_gelu_as_they_write(kernel, dtype):
+@pytest.mark.parametrize("build,dtype", [("native", torch.float32), ("native", torch.bfloat16), ("avx2", torch.float32)])
+def test_grouped_products_take_the_gelu_as_they_write(request, build, dtype):
     """gelu=True (an MLP's up product in the encoder-layers call): F.gelu of the products' outputs,
     within gelu_ps's 1.5e-6 in fp32; in bf16 F.gelu of the fp32 sum, rounded once (within one bf16
     step of F.gelu of fp32 products of the same numbers)."""
+    kernel = request.getfixturevalue("kernel" if build == "native" else "avx2_kernel")
     if dtype not in kernel.dtypes():
         pytest.skip("this CPU has no AVX512_BF16")
     if not kernel.fuses_gelu_float:
-        with pytest.raises(ValueError, match="AVX-512"):
+        with pytest.raises(ValueError, match="AVX-512 or AVX2"):
             kernel.linear_grouped(torch.randn(4, 8), [0, 4], [kernel.pack(torch.randn(8, 8))], gelu=True)
         return
     g = torch.Generator().manual_seed(12)
@@ -695,12 +704,11 @@ def test_model_gives_the_same_vectors_when_the_kernel_routes(kernel, models, dty
         assert torch.equal(a.order, b.order) and torch.equal(a.counts, b.counts) and torch.equal(a.offsets, b.offsets)
 
 
-def test_the_avx2_build_computes_the_same_products(kernel):
+def test_the_avx2_build_computes_the_same_products(avx2_kernel):
     """The kernel built for an AVX2-only CPU (8-float vectors, 4-row tiles, no bf16 or int8), run here."""
-    if "avx2" not in open("/proc/cpuinfo").read():
-        pytest.skip("this CPU cannot run AVX2 code")
-    avx2 = small_gemm.SmallGemm(small_gemm.build(march="haswell"))
+    avx2 = avx2_kernel
     assert avx2.width == 16 and avx2.dtypes() == (torch.float32,) and not avx2.accepts(4, torch.bfloat16)
+    assert not avx2.accepts_attention(torch.bfloat16, 64) and avx2.accepts_attention(torch.float32, 64)
     g = torch.Generator().manual_seed(3)
     for rows, k, n in SHAPES:
         w, b, x = torch.randn(n, k, generator=g) * k**-0.5, torch.randn(n, generator=g), torch.randn(rows, k, generator=g)
