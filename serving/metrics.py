@@ -1,5 +1,7 @@
 """Prometheus metrics of one server (own registry, so several servers in one process stay apart)."""
 
+import gc
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
@@ -42,7 +44,8 @@ class Metrics:
 
 
 class _EngineCollector:
-    """Read at scrape time: queue depth per lane, and each expert's share of its layer's tokens."""
+    """Read at scrape time: queue depth per lane, the objects frozen out of the garbage collector's
+    full passes, and each expert's share of its layer's tokens."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -58,6 +61,8 @@ class _EngineCollector:
             depth_t.add_metric([lane], tokens)
         yield depth_r
         yield depth_t
+        yield GaugeMetricFamily("nomic_moe_gc_frozen_objects",
+                                "objects set aside from Python's garbage collector after warm-up (gc.freeze)", gc.get_freeze_count())
         share = GaugeMetricFamily("nomic_moe_expert_token_share",
                                   "share of a MoE layer's routed (token, slot) pairs that each expert received, since start",
                                   labels=["layer", "expert"])

@@ -113,6 +113,8 @@ def test_info_models_health_metrics(server):
             layer = line.split('layer="')[1].split('"')[0]
             per_layer[layer] = per_layer.get(layer, 0.0) + float(line.split()[-1])
     assert per_layer and all(abs(v - 1) < 1e-6 for v in per_layer.values())  # each MoE layer's shares sum to 1
+    frozen = [line for line in text.splitlines() if line.startswith("nomic_moe_gc_frozen_objects ")]
+    assert frozen and float(frozen[0].split()[-1]) > 10_000  # the loaded process, out of the full collections' way
 
 
 BAD = [
