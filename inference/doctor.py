@@ -114,6 +114,12 @@ def cpu_report(isa: Optional[str], dtype: str) -> dict:
                                   "huge_pages": small_gemm.huge_page_mode()
                                   if k.arena.enabled else "off (NOMIC_MOE_HUGE_PAGES=0)"} if k else
                                  {"available": False, "why": small_gemm.why_unavailable()})
+    else:  # the simulated ISA's build, as the C files' #if's make it (small_gemm.BUILDS)
+        build = small_gemm.BUILDS[isa]
+        out["few_row_kernel"] = {"available": True, "simulated": True, "march": build["march"], "dtypes": list(build["dtypes"]),
+                                 "max_rows": max(small_gemm.MAX_ROWS.values()), "attention": build["attention"],
+                                 "int8_gelu": "int8" in build["dtypes"], "layers_in_one_call": build["layers_in_one_call"],
+                                 "huge_pages": small_gemm.huge_page_mode()}
     return out
 
 
@@ -143,7 +149,8 @@ def print_report(r: dict) -> None:
           + ("; per-token activations (quantize_int8(activations='per_token')) use torch._int_mm" if c["int8_kernel"] else ""))
     fk = c.get("few_row_kernel")
     if fk:
-        print("           few-row kernel " + (f"on for {', '.join(fk['dtypes'])} products of up to {fk['max_rows']} rows (short queries)"
+        print("           few-row kernel " + ("(as built with -march=" + fk["march"] + ") " if fk.get("simulated") else "")
+              + (f"on for {', '.join(fk['dtypes'])} products of up to {fk['max_rows']} rows (short queries)"
                                             if fk["available"] else f"off: {fk['why']} (oneDNN's packed weights serve short queries)"))
         if fk["available"]:
             print("           " + ("RoPE + attention in one kernel call" if fk["attention"] else

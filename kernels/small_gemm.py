@@ -53,6 +53,21 @@ HEADERS = [Path(__file__).with_name("vec_math.h")]  # included by both: part of 
 # kernel up to 128 rows than up to 32 (FBGEMM's per-batch path is 10-20% faster at 128 rows on Intel).
 MAX_ROWS = {torch.float32: 128, torch.bfloat16: 128, torch.int8: 128}
 
+# What a build of these files computes on each ISA of the CPU table (cpu_nomic_moe.CPU_TABLE), as the
+# C files' #if's decide it, and the -march that stands for the ISA: `doctor --cpu ISA` shows another
+# CPU's kernel from this; the tests hold it to the builds (their exported calls, and on this CPU
+# their answers). AVX2 and AVX-512 without BF16: fp32 products, attention and the one call; int8 and
+# bf16 there stay with the libraries (FBGEMM; oneDNN's emulated bf16). The avx512 row stands for
+# Skylake-SP; an AVX-512 CPU with VNNI but no BF16 (Cascade Lake, Ice Lake) builds the int8 products too.
+BUILDS = {
+    "avx2": {"march": "haswell", "dtypes": ("float32",), "attention": True, "layers_in_one_call": True},
+    "avx512": {"march": "skylake-avx512", "dtypes": ("float32",), "attention": True, "layers_in_one_call": True},
+    "avx512_bf16": {"march": "cooperlake", "dtypes": ("float32", "bfloat16", "int8"), "attention": True,
+                    "layers_in_one_call": True},
+    "amx": {"march": "sapphirerapids", "dtypes": ("float32", "bfloat16", "int8"), "attention": True,
+            "layers_in_one_call": True},
+}
+
 
 class KernelUnavailable(RuntimeError):
     pass

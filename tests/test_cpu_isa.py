@@ -102,5 +102,34 @@ def test_doctor_cpu_flag():
     out = json.loads(r.stdout)
     assert out["cpu"]["isa"] == "avx2" and out["cpu"]["dtype"] == "float32" and out["cpu"]["int8_kernel"] == "fbgemm"
     assert any("588 ms" in n for n in out["notes"])
+    fk = out["cpu"]["few_row_kernel"]  # the AVX2 build's kernel: fp32 products, attention, the one call
+    assert fk["simulated"] and fk["dtypes"] == ["float32"] and fk["attention"] and fk["layers_in_one_call"]
     r = subprocess.run([sys.executable, "-m", "nomic_moe_cli", "doctor", "--cpu", "amx"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "auto dtype bfloat16" in r.stdout and "int8 kernel onednn" in r.stdout
+    assert "-march=sapphirerapids) on for float32, bfloat16, int8 products" in r.stdout
+
+
+@pytest.mark.parametrize("isa", cpu_mod.ISAS)
+def test_the_kernel_table_is_what_each_build_has(isa, tmp_path, monkeypatch):
+    """small_gemm.BUILDS (what doctor --cpu shows) against the library built for that ISA's -march:
+    its exported calls, read without running its code (this CPU may lack the ISA), and where this CPU
+    runs it (AVX2 here, and this CPU's own ISA) the kernel's own answers."""
+    import ctypes
+
+    from nomic_moe_kernels import small_gemm
+    from nomic_moe_modeling.cpu_nomic_moe import cpu_isa
+
+    if small_gemm.compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("NOMIC_MOE_KERNEL_CACHE", str(tmp_path))
+    want = small_gemm.BUILDS[isa]
+    path = small_gemm.build(march=want["march"])
+    lib = ctypes.CDLL(str(path))  # loading runs none of the kernel's code
+    exported = {name: hasattr(lib, name) for name in ("nm_grouped_bf16", "nm_grouped_s8", "nm_encoder_layers")}
+    assert exported == {"nm_grouped_bf16": "bfloat16" in want["dtypes"], "nm_grouped_s8": "int8" in want["dtypes"],
+                        "nm_encoder_layers": want["layers_in_one_call"]}
+    runs_here = isa == "avx2" or cpu_isa() == isa
+    if runs_here and "avx2" in open("/proc/cpuinfo").read():
+        k = small_gemm.SmallGemm(path)
+        assert [str(d).replace("torch.", "") for d in k.dtypes()] == list(want["dtypes"])
+        assert k.attention_ok == want["attention"] and (k.layers is not None) == want["layers_in_one_call"]
