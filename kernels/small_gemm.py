@@ -562,10 +562,17 @@ def _load_or_raise() -> SmallGemm:
 
 
 def install(model) -> Optional[SmallGemm]:
-    """Give ``model`` (a NomicMoEModel on the CPU) the kernel for its short inputs; returns it, or
-    None where it cannot run here (the model then keeps oneDNN's packed weights)."""
+    """Give ``model`` the kernel for its short inputs: a NomicMoEModel on the CPU, or a module that holds
+    one (a SentenceTransformer: its Transformer module's auto_model). Returns the kernel, or None where
+    it cannot run here or ``model`` holds no such model (then the oneDNN packed weights serve)."""
     kernel = load()
-    if kernel is not None and hasattr(model, "set_cpu_kernel"):
-        model.set_cpu_kernel(kernel)
-        return kernel
-    return None
+    if kernel is None:
+        return None
+    if hasattr(model, "set_cpu_kernel"):
+        targets = [model]
+    else:  # the encoder models inside (a NomicMoELinear also takes a kernel, but holds no layers)
+        targets = [m for m in model.modules() if hasattr(m, "set_cpu_kernel") and hasattr(m, "encoder")] \
+            if hasattr(model, "modules") else []
+    for m in targets:
+        m.set_cpu_kernel(kernel)
+    return kernel if targets else None
