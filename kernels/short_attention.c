@@ -90,8 +90,8 @@ static inline float softmax_row(float *S, int64_t L, int64_t Lp) {
 
 // Output vectors c0..c0+nc of QB rows, scaled by each row's 1 / sum, to ctx rows (bf16: rounded to
 // nearest even, as torch rounds; rows past the text's end are not stored).
-static inline __attribute__((always_inline)) void store_rows(vps o[QB][OV], int64_t c0, int nc, const float *inv, int rows, int bf16, char *out,
-                              int64_t ldc_bytes) {
+static inline __attribute__((always_inline)) void store_rows(vps o[QB][OV], int64_t c0, int nc, const float *inv,
+                                                             int rows, int bf16, char *out, int64_t ldc_bytes) {
   for (int r = 0; r < rows; r++)
     for (int c = 0; c < nc; c++) {
       vps y = vps_mul(o[r][c], vps_set1(inv[r]));
