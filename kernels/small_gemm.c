@@ -29,7 +29,8 @@
 #define MT 8  /* rows per tile: 2*MT accumulators of the 32 vector registers */
 #else
 #define VW 8
-#define MT 4  /* AVX2: 16 vector registers */
+#define MT 6  /* AVX2's 16 vector registers: 12 accumulators, two weight vectors, a broadcast. 6 rows, not 4:
+                 1.04x / 1.13x at a 32- / 128-token fp32 query (RESULTS.md, "AVX2 CPUs") */
 #endif
 #define NB (2 * VW) /* output columns per panel: two vectors per row */
 #define AHEAD 32    /* panel rows prefetched ahead (4 KiB with AVX-512); measured: 13 -> 19 GB/s at 8 rows */
@@ -123,9 +124,9 @@ static void panel_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const f
     const float *warm = next && share >= 0 ? next + share : 0;
     switch (M - m0 >= MT ? MT : (int)(M - m0)) {
 #define CASE(n) case n: tile_f32(xm, ldx, n, K, panel, b, ym, ldy, ncols, warm, wmul, gelu); break;
-      CASE(1) CASE(2) CASE(3) CASE(4)
+      CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6)
 #if MT == 8
-      CASE(5) CASE(6) CASE(7) CASE(8)
+      CASE(7) CASE(8)
 #endif
 #undef CASE
     }

@@ -705,7 +705,7 @@ def test_model_gives_the_same_vectors_when_the_kernel_routes(kernel, models, dty
 
 
 def test_the_avx2_build_computes_the_same_products(avx2_kernel):
-    """The kernel built for an AVX2-only CPU (8-float vectors, 4-row tiles, no bf16 or int8), run here."""
+    """The kernel built for an AVX2-only CPU (8-float vectors, 6-row tiles, no bf16 or int8), run here."""
     avx2 = avx2_kernel
     assert avx2.width == 16 and avx2.dtypes() == (torch.float32,) and not avx2.accepts(4, torch.bfloat16)
     assert not avx2.accepts_attention(torch.bfloat16, 64) and avx2.accepts_attention(torch.float32, 64)
