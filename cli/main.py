@@ -397,7 +397,8 @@ def build_parser():
     dr = sub.add_parser("doctor", help="what will run here (attention kernel, expert backend) and why")
     dr.add_argument("--capability", metavar="MAJOR.MINOR", help="simulate a CUDA GPU (7.5 T4, 8.0 A100, 8.9 L4, 9.0 H100)")
     dr.add_argument("--cpu", choices=["avx2", "avx512", "avx512_bf16", "amx"], help="show another CPU's choices (its ISA)")
-    dr.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="bfloat16")
+    dr.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+                    help="auto (default): what --dtype auto loads on that device (a simulated one included)")
     dr.add_argument("--compile", action="store_true", help="compile each Triton kernel for that architecture, here on the CPU")
     dr.add_argument("--json", action="store_true", help="one JSON object")
     dr.set_defaults(func=cmd_doctor)

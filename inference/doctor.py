@@ -38,10 +38,24 @@ def _version(module: str) -> Optional[str]:
         return f"broken ({type(e).__name__})"
 
 
-def report(capability: Optional[str] = None, dtype: str = "bfloat16", compile: bool = False, cpu: Optional[str] = None) -> dict:
+def auto_dtype(capability: Optional[str], cpu: Optional[str]) -> str:
+    """What `--dtype auto` loads on the device doctor describes: a (simulated) GPU's bf16 from sm_80,
+    fp16 before; a (simulated) CPU's row of the CPU table."""
+    from .cpu import cpu_plan, dtype_name
+
+    if capability is not None or (cpu is None and torch.cuda.is_available()):
+        major = parse_capability(capability)[0] if capability is not None else torch.cuda.get_device_capability()[0]
+        return "bfloat16" if major >= 8 else "float16"
+    plan = cpu_plan(cpu)
+    return dtype_name(plan.float_dtype) if plan else "float32"
+
+
+def report(capability: Optional[str] = None, dtype: str = "auto", compile: bool = False, cpu: Optional[str] = None) -> dict:
     from nomic_moe_modeling.experts_nomic_moe import BACKENDS, Target, auto_candidates, is_broken, why_not_auto
     from nomic_moe_modeling.modeling_nomic_moe import attention_candidates, attention_packages
 
+    if dtype == "auto":
+        dtype = auto_dtype(capability, cpu)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}", f"use one of {', '.join(DTYPES)}")
     if capability is not None:
