@@ -96,6 +96,51 @@ def _errors(*codes, tei=False):
         503: "loading or draining", 504: "the request's deadline passed before it ran"}.items() if c in codes}
 
 
+METERED = ("/v1/embeddings", "/embeddings", "/embed", "/v1/models", "/info", "/health")
+
+
+class Guard:
+    """Admission before any route runs (body size, API key) and each route's count and time, as a
+    plain ASGI middleware: Starlette's @app.middleware("http") added 0.3-0.37 ms to every request
+    (RESULTS.md), a query's overhead on top of the model."""
+
+    def __init__(self, app, settings, metrics, error_response):
+        self.app, self.s, self.m, self.error_response = app, settings, metrics, error_response
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, route, status = time.perf_counter(), scope["path"], [500]  # 500: no response started (a bug)
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            error = self.admission(scope)
+            if error is None:
+                await self.app(scope, receive, send_status)
+            else:
+                await self.error_response(Request(scope), error)(scope, receive, send_status)
+        finally:
+            if route in METERED:
+                self.m.requests.labels(route, str(status[0])).inc()
+                self.m.request_seconds.labels(route).observe(time.perf_counter() - t0)
+
+    def admission(self, scope) -> Optional["APIError"]:
+        if scope["method"] != "POST":
+            return None
+        headers = dict(scope["headers"])
+        size = headers.get(b"content-length", b"").decode("latin-1")
+        if size.isdigit() and int(size) > self.s.max_body_bytes:
+            return APIError(413, f"the body has {size} bytes; the limit is {self.s.max_body_bytes}", None, "body_too_large")
+        if self.s.api_key is not None and headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.s.api_key}":
+            return APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key",
+                            kind="authentication_error")
+        return None
+
+
 def create_app(engine: Engine) -> FastAPI:
     s = engine.settings
     app = FastAPI(title="nomic-moe serve", version="1", description="Nomic Embed v2 MoE embeddings: OpenAI and TEI routes")
@@ -133,27 +178,7 @@ def create_app(engine: Engine) -> FastAPI:
         status = 422 if request.url.path == "/embed" else 400
         return error_response(request, APIError(status, msg, param, "invalid_value"))
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        t0 = time.perf_counter()
-        route = request.url.path
-        try:
-            if request.method == "POST":
-                size = request.headers.get("content-length")
-                if size is not None and size.isdigit() and int(size) > s.max_body_bytes:
-                    raise APIError(413, f"the body has {size} bytes; the limit is {s.max_body_bytes}", None, "body_too_large")
-                if s.api_key is not None:
-                    auth = request.headers.get("authorization", "")
-                    if auth != f"Bearer {s.api_key}":
-                        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None,
-                                       "invalid_api_key", kind="authentication_error")
-            response = await call_next(request)
-        except APIError as e:
-            response = error_response(request, e)
-        if route in ("/v1/embeddings", "/embeddings", "/embed", "/v1/models", "/info", "/health"):
-            m.requests.labels(route, str(response.status_code)).inc()
-            m.request_seconds.labels(route).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(Guard, settings=s, metrics=m, error_response=error_response)
 
     def ready_or_raise():
         if engine.state != "ready":
