@@ -129,10 +129,10 @@ def cpu_report(isa: Optional[str], dtype: str) -> dict:
                                   if k.arena.enabled else "off (NOMIC_MOE_HUGE_PAGES=0)"} if k else
                                  {"available": False, "why": small_gemm.why_unavailable()})
     else:  # the simulated ISA's build, as the C files' #if's make it (small_gemm.BUILDS)
-        build = small_gemm.BUILDS[isa]
-        out["few_row_kernel"] = {"available": True, "simulated": True, "march": build["march"], "dtypes": list(build["dtypes"]),
-                                 "max_rows": max(small_gemm.MAX_ROWS.values()), "attention": build["attention"],
-                                 "int8_gelu": "int8" in build["dtypes"], "layers_in_one_call": build["layers_in_one_call"],
+        march, dtypes = small_gemm.BUILDS[isa]
+        out["few_row_kernel"] = {"available": True, "simulated": True, "march": march, "dtypes": list(dtypes),
+                                 "max_rows": max(small_gemm.MAX_ROWS.values()), "attention": True,
+                                 "int8_gelu": "int8" in dtypes, "layers_in_one_call": True,
                                  "huge_pages": small_gemm.huge_page_mode()}
     return out
 

@@ -54,18 +54,17 @@ HEADERS = [Path(__file__).with_name("vec_math.h")]  # included by both: part of 
 MAX_ROWS = {torch.float32: 128, torch.bfloat16: 128, torch.int8: 128}
 
 # What a build of these files computes on each ISA of the CPU table (cpu_nomic_moe.CPU_TABLE), as the
-# C files' #if's decide it, and the -march that stands for the ISA: `doctor --cpu ISA` shows another
-# CPU's kernel from this; the tests hold it to the builds (their exported calls, and on this CPU
-# their answers). AVX2 and AVX-512 without BF16: fp32 products, attention and the one call; int8 and
-# bf16 there stay with the libraries (FBGEMM; oneDNN's emulated bf16). The avx512 row stands for
-# Skylake-SP; an AVX-512 CPU with VNNI but no BF16 (Cascade Lake, Ice Lake) builds the int8 products too.
+# C files' #if's decide it: the -march that stands for the ISA and the products' dtypes. Every ISA of
+# the table has AVX2 + FMA at least, so every build has the attention call and the one call for every
+# layer (fp32; bf16 and int8 where it computes them). `doctor --cpu ISA` shows another CPU's kernel
+# from this; the tests hold it to the builds (their exported calls, and on this CPU their answers).
+# int8 and bf16 stay with the libraries elsewhere (FBGEMM; oneDNN's emulated bf16). The avx512 row
+# stands for Skylake-SP; an AVX-512 CPU with VNNI but no BF16 (Cascade Lake, Ice Lake) builds int8 too.
 BUILDS = {
-    "avx2": {"march": "haswell", "dtypes": ("float32",), "attention": True, "layers_in_one_call": True},
-    "avx512": {"march": "skylake-avx512", "dtypes": ("float32",), "attention": True, "layers_in_one_call": True},
-    "avx512_bf16": {"march": "cooperlake", "dtypes": ("float32", "bfloat16", "int8"), "attention": True,
-                    "layers_in_one_call": True},
-    "amx": {"march": "sapphirerapids", "dtypes": ("float32", "bfloat16", "int8"), "attention": True,
-            "layers_in_one_call": True},
+    "avx2": ("haswell", ("float32",)),
+    "avx512": ("skylake-avx512", ("float32",)),
+    "avx512_bf16": ("cooperlake", ("float32", "bfloat16", "int8")),
+    "amx": ("sapphirerapids", ("float32", "bfloat16", "int8")),
 }
 
 

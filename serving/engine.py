@@ -147,10 +147,10 @@ class Engine:
                             f"use at least {MAX_SEQ_LENGTH}")
         # query batches no longer than the backend's fastest short-batch path (the CPU kernel's one call
         # for every layer: up to 128 tokens), where 400 tokens of queries in one batch ran 1.18-1.27x slower
-        self.query_batch_tokens = s.query_batch_tokens if s.query_batch_tokens is not None else \
+        query_batch_tokens = s.query_batch_tokens if s.query_batch_tokens is not None else \
             getattr(self.backend, "short_batch_tokens", None)
         self.batcher = Batcher(budget, s.max_queue_tokens or 32 * budget, preempt=self.preempt, bulk_share=s.bulk_share,
-                               query_batch_tokens=self.query_batch_tokens)
+                               query_batch_tokens=query_batch_tokens)
         # a query-prompt request goes in the query lane while it is about a second of work: its batch is never preempted
         self.query_request_tokens = min(budget, max(MIN_BATCH_TOKENS, int(self.rate * WHOLE_BATCH_SECONDS)))
         self.batcher.tokens_per_second = self.rate

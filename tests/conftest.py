@@ -91,3 +91,10 @@ def avx2_kernel():
     k = small_gemm.SmallGemm(small_gemm.build(march="haswell"))
     assert k.layers is not None and k.attention_ok and k.fuses_gelu_float and k.dtypes() == (torch.float32,)
     return k
+
+
+@pytest.fixture(params=["native", "avx2"])
+def any_kernel(request):
+    """The test file's own `kernel` fixture (this CPU's build), then the AVX2 build's: the kernels'
+    vector code (attention, GELU, the one call) is written once for both widths."""
+    return request.getfixturevalue("kernel" if request.param == "native" else "avx2_kernel")

@@ -25,12 +25,6 @@ def kernel():
     return k
 
 
-@pytest.fixture(params=["native", "avx2"])
-def any_kernel(request):
-    """This CPU's kernel, then the AVX2 build's: the one call is written once for both vector widths."""
-    return request.getfixturevalue("kernel" if request.param == "native" else "avx2_kernel")
-
-
 class CountRuns:
     """Counts the encoder-layers calls that ran (a result, not None)."""
 

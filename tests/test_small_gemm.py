@@ -29,13 +29,6 @@ def kernel():
     return k
 
 
-@pytest.fixture(params=["native", "avx2"])
-def any_kernel(request):
-    """This CPU's kernel, then the AVX2 build's (conftest.avx2_kernel): the attention and the GELU are
-    written once for both vector widths."""
-    return request.getfixturevalue("kernel" if request.param == "native" else "avx2_kernel")
-
-
 def test_doctor_reports_what_the_kernel_does(kernel):
     """`nomic-moe doctor --json` on this CPU: the kernel's dtypes, attention and the int8 GELU."""
     r = subprocess.run([sys.executable, "-m", "nomic_moe_cli", "doctor", "--json"], capture_output=True, text=True, timeout=300)
