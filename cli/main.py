@@ -191,7 +191,7 @@ def cmd_serve(a):
               + ("" if a.api_key else " and has no --api-key"), file=sys.stderr)
     return serve(Settings(model=a.model, host=a.host, port=a.port, served_model_name=a.served_model_name, dtype=a.dtype,
                           device=a.device, onnx=a.onnx, provider=a.provider, threads=a.threads, cuda_graphs=a.cuda_graphs,
-                          max_batch_tokens=a.max_batch_tokens,
+                          model_nice=a.model_nice, max_batch_tokens=a.max_batch_tokens,
                           batch_seconds=a.batch_seconds, bulk_share=a.bulk_share, query_batch_tokens=a.query_batch_tokens,
                           max_queue_tokens=a.max_queue_tokens, query_tokens=a.query_tokens,
                           request_timeout=a.request_timeout, api_key=a.api_key or os.environ.get("NOMIC_MOE_API_KEY"),
@@ -374,6 +374,9 @@ def build_parser():
     sv.add_argument("--onnx", metavar="FILE", help="serve onnx/FILE with ONNX Runtime instead of PyTorch")
     sv.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider, with --onnx")
     sv.add_argument("--threads", type=int, help="torch / ONNX Runtime threads")
+    sv.add_argument("--model-nice", type=int, default=5,
+                    help="run the model's threads this much nicer than the HTTP, tokenising and other threads, so that "
+                         "these are not queued behind it on a busy CPU (Linux; default 5, 0 = equal)")
     sv.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                     help="on CUDA, run short batches eagerly too (default: captured CUDA graphs, launch-bound otherwise)")
     sv.add_argument("--max-batch-tokens", type=int, help="real tokens per forward pass (default: sized at warm-up to --batch-seconds)")

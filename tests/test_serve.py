@@ -1,9 +1,12 @@
 """`nomic-moe serve` as a real process on 127.0.0.1: the openai client, TEI's route, errors, load, lifecycle."""
 
 import base64
+import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,6 +119,18 @@ def test_info_models_health_metrics(server):
     frozen = [line for line in text.splitlines() if line.startswith("nomic_moe_gc_frozen_objects ")]
     assert frozen and float(frozen[0].split()[-1]) > 10_000  # the loaded process, out of the full collections' way
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_the_model_thread_runs_nicer_than_the_http_threads(server):
+    def nice(tid):  # field 19 of /proc/PID/task/TID/stat
+        stat = (Path(f"/proc/{server.proc.pid}/task/{tid}/stat")).read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[16])
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the server inherits the test's own
+    tids = [int(t) for t in os.listdir(f"/proc/{server.proc.pid}/task")]
+    assert nice(server.proc.pid) == base  # the event loop's thread
+    assert min(19, base + 5) in {nice(t) for t in tids if t != server.proc.pid}  # the model's (default --model-nice 5)
 
 BAD = [
     ({"model": "tiny", "input": ""}, 400, "input"),

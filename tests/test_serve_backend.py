@@ -2,6 +2,7 @@
 gives the vectors of the model's own forward pass (so preemption changes no vector)."""
 
 import numpy as np
+import pytest
 import torch
 
 from nomic_moe_serving.backend import TorchBackend
@@ -94,3 +95,12 @@ def test_a_short_batch_runs_its_layers_in_one_kernel_call(ckpts):
     assert b.short_batch_tokens == (128 if one_call else None)  # the server's query batches: at most this
     np.testing.assert_allclose(vectors, reference(b.model, short), atol=1e-5, rtol=0)
     assert (b.expert_pairs.sum(1) == 2 * sum(map(len, short))).all()
+
+
+def test_the_engine_refuses_a_nice_value_linux_has_not(ckpts):
+    from nomic_moe_files.errors import UserError
+    from nomic_moe_serving.engine import Engine
+    from nomic_moe_serving.settings import Settings
+
+    with pytest.raises(UserError, match="--model-nice 20"):
+        Engine(Settings(model=str(ckpts.converted()), model_nice=20))
