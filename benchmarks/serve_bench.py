@@ -1,7 +1,7 @@
-"""Closed-loop load against embedding servers on 127.0.0.1: ours, and the anchors, same folder, same workload.
+"""Load against embedding servers on 127.0.0.1: ours, and the anchors, same folder, same workload.
 
     python benchmarks/serve_bench.py MODEL_DIR [--servers ours:float32,ours:bfloat16,infinity,infinity:bfloat16,llama.cpp:f32] [--seconds 20]
-        [--scenarios mixed,queries,documents] [--rounds N]
+        [--scenarios mixed,queries,documents] [--rounds N] [--query-rate R]
 
 A server spec may carry extra flags for our server after an @, one per @: `ours:float32@--bulk-share=0.5`,
 `ours:bfloat16@--device=cuda`, `ours:float32@--onnx=model_fp16.onnx@--provider=cuda`. NOMIC_MOE_CLI
@@ -14,6 +14,11 @@ Scenarios (each client sends a request, waits for the answer, sends the next):
              12-40 token query each): ingestion and search at once, the RAG endpoint's real day
   queries    C query clients, C = 1, 4, 16, 64
   documents  C document clients, C = 1, 4
+  paced      --query-rate R: the mixed load's 2 document clients, with queries that arrive at R a second
+             (Poisson), each sent when it arrives, whether or not the ones before it were answered, as
+             users' searches do. In the closed loop, a server that answers queries sooner is sent more of
+             them, and the documents pay for the extra queries; here every server gets the same queries,
+             so the documents' rate shows what the query lane itself costs ingestion.
 Per scenario and kind: texts/s, tokens/s (the model's tokenizer, prompts not counted) and
 p50/p95/p99 latency; errors counted. Servers run one after the other, each alone on the machine.
 infinity and llama.cpp get the raw texts (they have no prompts); ours gets prompt_name query / document.
@@ -146,7 +151,33 @@ def client_loop(kind, url, texts, per_request, prompt, until, out, rng):
             out.append((prompt, time.monotonic() - t0, ok, len(batch), sum(n for _, n in batch), t0))
 
 
-def scenario(kind, url, name, clients, seconds, queries, docs):
+def paced_queries(kind, url, texts, rate, until, out, rng):
+    """Queries arriving at ``rate`` a second (Poisson), each sent at its arrival on a thread of its own."""
+    sent = []
+    with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=256)) as c:
+        def one(text, n):
+            body = {"model": "bench", "input": [text], **({"prompt_name": "query"} if kind == "ours" else {})}
+            t0 = time.monotonic()
+            try:
+                ok = c.post(url + route(kind), json=body).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            out.append(("query", time.monotonic() - t0, ok, 1, n, t0))
+
+        next_t = time.monotonic()
+        while True:
+            next_t += rng.expovariate(rate)
+            if next_t >= until:
+                break
+            time.sleep(max(0.0, next_t - time.monotonic()))
+            th = threading.Thread(target=one, args=texts[rng.randrange(len(texts))])
+            th.start()
+            sent.append(th)
+        for th in sent:
+            th.join()
+
+
+def scenario(kind, url, name, clients, seconds, queries, docs, query_rate=None):
     out = []
     start_t = time.monotonic()
     until = start_t + seconds
@@ -156,6 +187,9 @@ def scenario(kind, url, name, clients, seconds, queries, docs):
         th = threading.Thread(target=client_loop, args=(kind, url, pool, per, what, until, out, random.Random(i)))
         th.start()
         threads.append(th)
+    if query_rate:
+        threads.append(threading.Thread(target=paced_queries, args=(kind, url, queries, query_rate, until, out, random.Random(99))))
+        threads[-1].start()
     for th in threads:
         th.join()
     wall = time.monotonic() - start_t
@@ -195,8 +229,10 @@ def bench_server(a, spec, round_, chosen, queries, docs):
             plan += [(f"queries x{c}", [("query", 1)] * int(c), a.seconds) for c in a.query_clients.split(",") if c]
         if "documents" in chosen:
             plan += [(f"documents x{c}", [("document", 1)] * int(c), a.seconds) for c in a.doc_clients.split(",") if c]
+        if "paced" in chosen:
+            plan += [(f"paced {a.query_rate:g} q/s", [("document", 1)] * 2, 3 * a.seconds)]
         for name, clients, seconds in plan:
-            for r in scenario(kind, url, name, clients, seconds, queries, docs):
+            for r in scenario(kind, url, name, clients, seconds, queries, docs, a.query_rate if name.startswith("paced") else None):
                 r["server"] = label
                 r["round"] = round_
                 rows.append(r)
@@ -217,13 +253,16 @@ def main():
     p.add_argument("--seconds", type=float, default=20, help="per scenario (mixed runs 3x this)")
     p.add_argument("--query-clients", default="1,4,16,64")
     p.add_argument("--doc-clients", default="1,4")
-    p.add_argument("--scenarios", default="mixed,queries,documents", help="which of mixed, queries, documents to run")
+    p.add_argument("--scenarios", default="mixed,queries,documents", help="which of mixed, queries, documents, paced to run")
+    p.add_argument("--query-rate", type=float, default=1.0, help="queries a second in the paced scenario (default 1)")
     p.add_argument("--rounds", type=int, default=1, help="run the server list this many times, interleaved")
     p.add_argument("--out", default=str(HERE / "out/serve_bench.json"))
     a = p.parse_args()
     chosen = set(a.scenarios.split(","))
-    if chosen - {"mixed", "queries", "documents"}:
-        raise SystemExit(f"unknown scenario in --scenarios {a.scenarios}: use mixed, queries, documents")
+    if chosen - {"mixed", "queries", "documents", "paced"}:
+        raise SystemExit(f"unknown scenario in --scenarios {a.scenarios}: use mixed, queries, documents, paced")
+    if a.query_rate <= 0:
+        raise SystemExit(f"--query-rate {a.query_rate}: give queries a second above 0")
     texts = Texts(a.model_dir)
     queries, docs = texts.pool(400, 12, 40), texts.pool(400, 100, 400)
     rows = []
