@@ -48,19 +48,22 @@ def resolve_dtype(name: str, device: str) -> str:
     return chosen if isinstance(chosen, str) else str(chosen).replace("torch.", "")
 
 
-def lower_priority(nice: int, log_fn: Callable[[str], None]) -> None:
+def lower_priority(nice: int, log_fn: Callable[[str], None]) -> int:
     """Make the calling thread (the model's) ``nice`` steps nicer, before it starts the thread pools that
     compute with it, which take its priority (a new Linux thread inherits its creator's nice value).
     On a CPU the model's threads take every core; the event loop, the tokenisers and the clients on the
     same cores need a little of them for each request, and at equal priority they queue behind the
     model, so requests reach the next batch late and batches run short (measured in RESULTS.md)."""
     if nice <= 0 or not sys.platform.startswith("linux"):
-        return
+        return 0
     tid = threading.get_native_id()  # Linux keeps a nice value per thread; PRIO_PROCESS with a thread id sets it
     try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, before + nice))
+        return os.getpriority(os.PRIO_PROCESS, tid) - before
     except OSError as e:
         log_fn(f"could not lower the model thread's priority ({e}); it runs at the process's")
+        return 0
 
 
 class Engine:
@@ -94,6 +97,7 @@ class Engine:
         self.batcher: Optional[Batcher] = None
         self.rate: Optional[float] = None  # tokens/s measured at warm-up
         self.preempt = False  # set at load: whether queries run between two layers of a bulk batch
+        self.nice = 0  # how much nicer the model's threads run than the process (set on the model thread)
         self.metrics = Metrics(self)
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._thread: Optional[threading.Thread] = None
@@ -127,7 +131,7 @@ class Engine:
             self.state = "stopped"
 
     def _main(self) -> None:
-        lower_priority(self.settings.model_nice, self.log)
+        self.nice = lower_priority(self.settings.model_nice, self.log)
         try:
             self._load()
         except BaseException as e:  # noqa: BLE001 - reported on /health and by the CLI
@@ -184,7 +188,8 @@ class Engine:
                  f"queue budget {self.batcher.max_queue_tokens} tokens, "
                  + (f"queries between layers of bulk batches (bulk keeps {s.bulk_share:.0%} of the time)" if self.preempt
                     else "queries first at every batch boundary")
-                 + (f", query batches up to {self.batcher.query_batch_tokens} tokens" if self.batcher.query_batch_tokens else ""))
+                 + (f", query batches up to {self.batcher.query_batch_tokens} tokens" if self.batcher.query_batch_tokens else "")
+                 + (f"; model threads nice +{self.nice}" if self.nice else ""))
 
     def _serve_batches(self) -> None:
         while True:

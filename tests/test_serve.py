@@ -120,7 +120,6 @@ def test_info_models_health_metrics(server):
     assert frozen and float(frozen[0].split()[-1]) > 10_000  # the loaded process, out of the full collections' way
 
 
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
 def test_the_model_thread_runs_nicer_than_the_http_threads(server):
     def nice(tid):  # field 19 of /proc/PID/task/TID/stat
@@ -131,6 +130,7 @@ def test_the_model_thread_runs_nicer_than_the_http_threads(server):
     tids = [int(t) for t in os.listdir(f"/proc/{server.proc.pid}/task")]
     assert nice(server.proc.pid) == base  # the event loop's thread
     assert min(19, base + 5) in {nice(t) for t in tids if t != server.proc.pid}  # the model's (default --model-nice 5)
+
 
 BAD = [
     ({"model": "tiny", "input": ""}, 400, "input"),

@@ -97,7 +97,7 @@ def test_a_short_batch_runs_its_layers_in_one_kernel_call(ckpts):
     assert (b.expert_pairs.sum(1) == 2 * sum(map(len, short))).all()
 
 
-def test_the_engine_refuses_a_nice_value_linux_has_not(ckpts):
+def test_the_engine_refuses_a_model_nice_outside_0_to_19(ckpts):
     from nomic_moe_files.errors import UserError
     from nomic_moe_serving.engine import Engine
     from nomic_moe_serving.settings import Settings
