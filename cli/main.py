@@ -376,7 +376,7 @@ def build_parser():
     sv.add_argument("--threads", type=int, help="torch / ONNX Runtime threads")
     sv.add_argument("--model-nice", type=int, default=5,
                     help="run the model's threads this much nicer than the HTTP, tokenising and other threads, so that "
-                         "these are not queued behind it on a busy CPU (Linux; default 5, 0 = equal)")
+                         "these are not queued behind it on a busy CPU (Linux, CPU models; default 5, 0 = equal)")
     sv.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                     help="on CUDA, run short batches eagerly too (default: captured CUDA graphs, launch-bound otherwise)")
     sv.add_argument("--max-batch-tokens", type=int, help="real tokens per forward pass (default: sized at warm-up to --batch-seconds)")

@@ -50,8 +50,8 @@ def resolve_dtype(name: str, device: str) -> str:
 
 def lower_priority(nice: int, log_fn: Callable[[str], None]) -> int:
     """Make the calling thread (the model's) ``nice`` steps nicer, before it starts the thread pools that
-    compute with it, which take its priority (a new Linux thread inherits its creator's nice value).
-    On a CPU the model's threads take every core; the event loop, the tokenisers and the clients on the
+    compute with it, which take its priority (a new Linux thread inherits its creator's nice value);
+    returns how much nicer it runs. On a CPU the model's threads take every core; the event loop, the tokenisers and the clients on the
     same cores need a little of them for each request, and at equal priority they queue behind the
     model, so requests reach the next batch late and batches run short (measured in RESULTS.md)."""
     if nice <= 0 or not sys.platform.startswith("linux"):
@@ -131,7 +131,9 @@ class Engine:
             self.state = "stopped"
 
     def _main(self) -> None:
-        self.nice = lower_priority(self.settings.model_nice, self.log)
+        s = self.settings
+        on_cpu = (s.provider if s.onnx else s.device).startswith("cpu")  # on a GPU the model's thread launches kernels: no lower
+        self.nice = lower_priority(s.model_nice if on_cpu else 0, self.log)
         try:
             self._load()
         except BaseException as e:  # noqa: BLE001 - reported on /health and by the CLI

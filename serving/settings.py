@@ -15,7 +15,7 @@ class Settings:
     onnx: Optional[str] = None  # a file in MODEL/onnx/: ONNX Runtime instead of PyTorch
     provider: str = "cpu"
     threads: Optional[int] = None
-    model_nice: int = 5  # the model's threads this much nicer than the rest of the server (Linux; 0: as the process)
+    model_nice: int = 5  # a CPU model's threads this much nicer than the rest of the server (Linux; 0: as the process)
     cuda_graphs: bool = True  # on CUDA, short batches replay captured graphs (nomic_moe_inference.cuda_graphs)
     max_batch_tokens: Optional[int] = None  # default: sized at warm-up so one batch takes batch_seconds
     batch_seconds: Optional[float] = None  # default: 4 s where queries preempt bulk between layers (PyTorch), else 1 s
