@@ -1,7 +1,7 @@
 """Load against embedding servers on 127.0.0.1: ours, and the anchors, same folder, same workload.
 
     python benchmarks/serve_bench.py MODEL_DIR [--servers ours:float32,ours:bfloat16,infinity,infinity:bfloat16,llama.cpp:f32] [--seconds 20]
-        [--scenarios mixed,queries,documents] [--rounds N] [--query-rate R]
+        [--scenarios mixed,paced,queries,documents] [--rounds N] [--query-rate R]
 
 A server spec may carry extra flags for our server after an @, one per @: `ours:float32@--bulk-share=0.5`,
 `ours:bfloat16@--device=cuda`, `ours:float32@--onnx=model_fp16.onnx@--provider=cuda`. NOMIC_MOE_CLI
@@ -253,7 +253,7 @@ def main():
     p.add_argument("--seconds", type=float, default=20, help="per scenario (mixed runs 3x this)")
     p.add_argument("--query-clients", default="1,4,16,64")
     p.add_argument("--doc-clients", default="1,4")
-    p.add_argument("--scenarios", default="mixed,queries,documents", help="which of mixed, queries, documents, paced to run")
+    p.add_argument("--scenarios", default="mixed,paced,queries,documents", help="which of mixed, paced, queries, documents to run")
     p.add_argument("--query-rate", type=float, default=1.0, help="queries a second in the paced scenario (default 1)")
     p.add_argument("--rounds", type=int, default=1, help="run the server list this many times, interleaved")
     p.add_argument("--out", default=str(HERE / "out/serve_bench.json"))
