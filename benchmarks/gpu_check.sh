@@ -81,7 +81,7 @@ for stage in "${stages[@]}"; do
   serve-torch)
     echo "== serving: PyTorch bf16 on CUDA under closed-loop load"
     wait_prep "$work/model.done" 60 || { status=1; continue; }
-    timeout 110 python3 benchmarks/serve_bench.py "$work/model" --servers "ours:bfloat16@--device=cuda" --seconds 4 \
+    timeout 110 python3 benchmarks/serve_bench.py "$work/model" --servers "ours:bfloat16@--device=cuda" --seconds 4 --scenarios mixed,queries,documents \
       --query-clients 1,16,64 --doc-clients 1,4 --out "$out/serve_torch.json" 2>&1 | tail -30 | tee "$out/serve_torch.txt" || status=1 ;;
   onnx)
     echo "== ONNX Runtime CUDA (fp16 and the exact graph) against PyTorch CUDA"
@@ -94,7 +94,7 @@ for stage in "${stages[@]}"; do
     has_ort_cuda || { status=1; continue; }
     wait_prep "$work/onnx.done" 120 || { status=1; continue; }
     timeout 120 python3 benchmarks/serve_bench.py "$work/model" --servers "ours:float32@--onnx=model_fp16.onnx@--provider=cuda" \
-      --seconds 4 --query-clients 1,16,64 --doc-clients 1,4 --out "$out/serve_onnx.json" 2>&1 | tail -30 | tee "$out/serve_onnx.txt" || status=1 ;;
+      --seconds 4 --scenarios mixed,queries,documents --query-clients 1,16,64 --doc-clients 1,4 --out "$out/serve_onnx.json" 2>&1 | tail -30 | tee "$out/serve_onnx.txt" || status=1 ;;
   prep-wait) wait_prep "$work/onnx.done" 600 || status=1 ;;
   *) echo "unknown stage $stage"; status=1 ;;
   esac
