@@ -9,7 +9,7 @@ names the command that starts our server (default: this checkout's .venv/bin/nom
 `--rounds N` runs the whole list N times, servers interleaved, so a VM whose speed drifts by the
 minute treats every server alike.
 
-Scenarios (each client sends a request, waits for the answer, sends the next):
+Scenarios (each client sends a request, waits for the answer, sends the next; paced queries do not wait):
   mixed      2 document clients (8 documents of 100-400 tokens per request) + 6 query clients (one
              12-40 token query each): ingestion and search at once, the RAG endpoint's real day
   queries    C query clients, C = 1, 4, 16, 64
@@ -135,44 +135,37 @@ def route(kind):
     return {"ours": "/v1/embeddings", "llama.cpp": "/v1/embeddings"}.get(kind, "/embeddings")
 
 
+def send(c, kind, url, batch, prompt, out):
+    """One request of ``batch`` [(text, tokens)]; its (kind, seconds, ok, texts, tokens, start) lands in ``out``."""
+    body = {"model": "bench", "input": [t for t, _ in batch]}
+    if kind == "ours":
+        body["prompt_name"] = prompt
+    t0 = time.monotonic()
+    try:
+        ok = c.post(url + route(kind), json=body).status_code == 200
+    except httpx.HTTPError:
+        ok = False
+    out.append((prompt, time.monotonic() - t0, ok, len(batch), sum(n for _, n in batch), t0))
+
+
 def client_loop(kind, url, texts, per_request, prompt, until, out, rng):
     with httpx.Client(timeout=600) as c:
         while time.monotonic() < until:
-            batch = [texts[rng.randrange(len(texts))] for _ in range(per_request)]
-            body = {"model": "bench", "input": [t for t, _ in batch]}
-            if kind == "ours":
-                body["prompt_name"] = prompt
-            t0 = time.monotonic()
-            try:
-                r = c.post(url + route(kind), json=body)
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            out.append((prompt, time.monotonic() - t0, ok, len(batch), sum(n for _, n in batch), t0))
+            send(c, kind, url, [texts[rng.randrange(len(texts))] for _ in range(per_request)], prompt, out)
 
 
 def paced_queries(kind, url, texts, rate, until, out, rng):
     """Queries arriving at ``rate`` a second (Poisson), each sent at its arrival on a thread of its own."""
     sent = []
     with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=256)) as c:
-        def one(text, n):
-            body = {"model": "bench", "input": [text], **({"prompt_name": "query"} if kind == "ours" else {})}
-            t0 = time.monotonic()
-            try:
-                ok = c.post(url + route(kind), json=body).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            out.append(("query", time.monotonic() - t0, ok, 1, n, t0))
-
         next_t = time.monotonic()
         while True:
             next_t += rng.expovariate(rate)
             if next_t >= until:
                 break
             time.sleep(max(0.0, next_t - time.monotonic()))
-            th = threading.Thread(target=one, args=texts[rng.randrange(len(texts))])
-            th.start()
-            sent.append(th)
+            sent.append(threading.Thread(target=send, args=(c, kind, url, [texts[rng.randrange(len(texts))]], "query", out)))
+            sent[-1].start()
         for th in sent:
             th.join()
 
