@@ -59,7 +59,8 @@ MAX_ROWS = {torch.float32: 128, torch.bfloat16: 128, torch.int8: 128}
 # layer (fp32; bf16 and int8 where it computes them). `doctor --cpu ISA` shows another CPU's kernel
 # from this; the tests hold it to the builds (their exported calls, and on this CPU their answers).
 # int8 and bf16 stay with the libraries elsewhere (FBGEMM; oneDNN's emulated bf16). The avx512 row
-# stands for Skylake-SP; an AVX-512 CPU with VNNI but no BF16 (Cascade Lake, Ice Lake) builds int8 too.
+# stands for Skylake-SP; an AVX-512 CPU with VNNI but no BF16 (Cascade Lake, Ice Lake) builds int8 too
+# (its build, -march=cascadelake, runs the int8 one call in the tests: conftest.vnni_kernel).
 BUILDS = {
     "avx2": ("haswell", ("float32",)),
     "avx512": ("skylake-avx512", ("float32",)),

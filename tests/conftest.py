@@ -93,6 +93,24 @@ def avx2_kernel():
     return k
 
 
+@pytest.fixture(scope="session")
+def vnni_kernel():
+    """The CPU kernel as a Cascade Lake or Ice Lake CPU builds it (AVX-512 with VNNI, no AVX512_BF16:
+    int8 products, no bf16 ones), run on this one where it can: the common cloud CPUs between the
+    AVX2 build and this machine's."""
+    from nomic_moe_kernels import small_gemm
+
+    if small_gemm.compiler() is None:
+        pytest.skip("no C compiler here")
+    need = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    if not need <= flags:
+        pytest.skip(f"this CPU cannot run cascadelake code (no {', '.join(sorted(need - flags))})")
+    k = small_gemm.SmallGemm(small_gemm.build(march="cascadelake"))
+    assert k.layers is not None and k.attention_ok and k.dtypes() == (torch.float32, torch.int8)
+    return k
+
+
 @pytest.fixture(params=["native", "avx2"])
 def any_kernel(request):
     """The test file's own `kernel` fixture (this CPU's build), then the AVX2 build's: the kernels'

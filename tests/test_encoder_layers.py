@@ -114,6 +114,26 @@ def test_bf16_and_int8_in_one_call_stay_with_the_loop(kernel, models, dtype, mon
     assert F.cosine_similarity(one, loop).min().item() > 0.9999
 
 
+
+def test_a_vnni_cpu_without_bf16_runs_int8_in_one_call(vnni_kernel, kernel, models, monkeypatch):
+    """Cascade Lake / Ice Lake: the int8 model takes the one call with the VNNI products (nothing of
+    AVX512_BF16 in their path), and gives this CPU's build's vectors; a bf16 model is left to the loop."""
+    if not kernel.int8:
+        pytest.skip("this CPU's own build has no int8 products to compare with")
+    _, _, cfg = models("8x2")
+    ours, _, _ = with_kernel(models, "8x2", kernel, "int8")
+    vnni, _, _ = with_kernel(models, "8x2", vnni_kernel, "int8")
+    runs = CountRuns(vnni_kernel.layers, monkeypatch)
+    ids, mask = random_batch([5, 17, 3, 30], cfg["vocab_size"], seed=9)
+    with torch.no_grad():
+        want = ours(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = vnni(input_ids=ids, attention_mask=mask).last_hidden_state
+        bf16 = copy.deepcopy(models("8x2")[0]).to(torch.bfloat16)
+        bf16.set_cpu_kernel(vnni_kernel)
+        bf16(input_ids=ids, attention_mask=mask)
+    assert runs.ran == 1 and runs.declined == 1
+    assert (got - want).abs().max().item() <= ATOL
+
 def test_expert_counts_are_the_routers(kernel, models):
     """The call returns each MoE layer's (token, slot) pairs per expert: the routing's counts, which
     the server's expert metrics read."""
