@@ -311,7 +311,8 @@ def create_app(engine: Engine) -> FastAPI:
                 "query_lane_tokens": s.query_tokens,
                 "batching": ("queries between layers of bulk batches" if engine.preempt else "queries first at batch boundaries")
                 if engine.batcher else None,
-                "bulk_share": s.bulk_share if engine.batcher and engine.preempt else None, "pid": os.getpid()}
+                "bulk_share": s.bulk_share if engine.batcher and engine.preempt else None, "model_nice": engine.nice,
+                "pid": os.getpid()}
 
     @app.get("/health", responses={503: {"description": "loading, draining or failed"}})
     async def health():

@@ -51,9 +51,10 @@ def resolve_dtype(name: str, device: str) -> str:
 def lower_priority(nice: int, log_fn: Callable[[str], None]) -> int:
     """Make the calling thread (the model's) ``nice`` steps nicer, before it starts the thread pools that
     compute with it, which take its priority (a new Linux thread inherits its creator's nice value);
-    returns how much nicer it runs. On a CPU the model's threads take every core; the event loop, the tokenisers and the clients on the
-    same cores need a little of them for each request, and at equal priority they queue behind the
-    model, so requests reach the next batch late and batches run short (measured in RESULTS.md)."""
+    returns how much nicer it runs. On a CPU the model's threads take every core; the event loop, the
+    tokenisers and the clients on the same cores need a little of them for each request, and at equal
+    priority they queue behind the model, so requests reach the next batch late (RESULTS.md: the
+    mixed load 1.12x faster in int8)."""
     if nice <= 0 or not sys.platform.startswith("linux"):
         return 0
     tid = threading.get_native_id()  # Linux keeps a nice value per thread; PRIO_PROCESS with a thread id sets it

@@ -130,6 +130,7 @@ def test_the_model_thread_runs_nicer_than_the_http_threads(server):
     tids = [int(t) for t in os.listdir(f"/proc/{server.proc.pid}/task")]
     assert nice(server.proc.pid) == base  # the event loop's thread
     assert min(19, base + 5) in {nice(t) for t in tids if t != server.proc.pid}  # the model's (default --model-nice 5)
+    assert httpx.get(server.url + "/info").json()["model_nice"] == min(19, base + 5) - base
 
 
 BAD = [
