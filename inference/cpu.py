@@ -63,8 +63,7 @@ def resolve_dtype(name: Union[str, torch.dtype, None], device="cpu", isa: Option
     check_isa(isa)
     if name in ("auto", "fastest"):
         if kind == "cuda":
-            major, _ = torch.cuda.get_device_capability()
-            return torch.bfloat16 if major >= 8 else torch.float16
+            return gpu_auto_dtype(torch.cuda.get_device_capability()[0])
         plan = cpu_plan(isa)
         return plan.float_dtype if plan else torch.float32
     if name == "int8":
@@ -80,6 +79,11 @@ def resolve_dtype(name: Union[str, torch.dtype, None], device="cpu", isa: Option
     if kind == "cpu" and warn:
         warn_if_emulated_bf16(dtype, isa)
     return dtype
+
+
+def gpu_auto_dtype(major: int) -> torch.dtype:
+    """"auto" on a GPU of compute capability ``major``.x: bf16 from Ampere (sm_80), fp16 before."""
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def dtype_name(dtype) -> str:

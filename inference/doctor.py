@@ -41,13 +41,12 @@ def _version(module: str) -> Optional[str]:
 def auto_dtype(capability: Optional[str], cpu: Optional[str]) -> str:
     """What `--dtype auto` loads on the device doctor describes: a (simulated) GPU's bf16 from sm_80,
     fp16 before; a (simulated) CPU's row of the CPU table."""
-    from .cpu import cpu_plan, dtype_name
+    from .cpu import dtype_name, gpu_auto_dtype, resolve_dtype
 
     if capability is not None or (cpu is None and torch.cuda.is_available()):
         major = parse_capability(capability)[0] if capability is not None else torch.cuda.get_device_capability()[0]
-        return "bfloat16" if major >= 8 else "float16"
-    plan = cpu_plan(cpu)
-    return dtype_name(plan.float_dtype) if plan else "float32"
+        return dtype_name(gpu_auto_dtype(major))
+    return dtype_name(resolve_dtype("auto", "cpu", isa=cpu))
 
 
 def report(capability: Optional[str] = None, dtype: str = "auto", compile: bool = False, cpu: Optional[str] = None) -> dict:

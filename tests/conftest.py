@@ -77,18 +77,25 @@ def released_both(ckpts, tmp_path_factory):
     return {"main": result.folders["main"], "published": result.folders["nomic-bert"], "result": result, "out": out}
 
 
+def kernel_built_for(march: str, needs: set):
+    """The CPU kernel as a CPU of ``march`` builds it, run on this one: skipped where this CPU lacks one
+    of the ``needs`` flags (or there is no compiler), so that another ISA's paths are tested here."""
+    from nomic_moe_kernels import small_gemm
+    from nomic_moe_modeling.cpu_nomic_moe import cpu_flags
+
+    if small_gemm.compiler() is None:
+        pytest.skip("no C compiler here")
+    missing = needs - cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU cannot run {march} code (no {', '.join(sorted(missing))})")
+    return small_gemm.SmallGemm(small_gemm.build(march=march))
+
+
 @pytest.fixture(scope="session")
 def avx2_kernel():
     """The CPU kernel as an AVX2-only CPU builds it (8-float vectors, no bf16 or int8 products), run
     on this one: its paths are tested on any x86 CPU, whatever the CPU's own build takes."""
-    from nomic_moe_kernels import small_gemm
-
-    if small_gemm.compiler() is None:
-        pytest.skip("no C compiler here")
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists() or "avx2" not in cpuinfo.read_text() or " fma" not in cpuinfo.read_text():
-        pytest.skip("this CPU cannot run AVX2 code")
-    k = small_gemm.SmallGemm(small_gemm.build(march="haswell"))
+    k = kernel_built_for("haswell", {"avx2", "fma"})
     assert k.layers is not None and k.attention_ok and k.fuses_gelu_float and k.dtypes() == (torch.float32,)
     return k
 
@@ -98,15 +105,7 @@ def vnni_kernel():
     """The CPU kernel as a Cascade Lake or Ice Lake CPU builds it (AVX-512 with VNNI, no AVX512_BF16:
     int8 products, no bf16 ones), run on this one where it can: the common cloud CPUs between the
     AVX2 build and this machine's."""
-    from nomic_moe_kernels import small_gemm
-
-    if small_gemm.compiler() is None:
-        pytest.skip("no C compiler here")
-    need = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-    if not need <= flags:
-        pytest.skip(f"this CPU cannot run cascadelake code (no {', '.join(sorted(need - flags))})")
-    k = small_gemm.SmallGemm(small_gemm.build(march="cascadelake"))
+    k = kernel_built_for("cascadelake", {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"})
     assert k.layers is not None and k.attention_ok and k.dtypes() == (torch.float32, torch.int8)
     return k
 
