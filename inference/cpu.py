@@ -24,7 +24,9 @@ from nomic_moe_modeling.cpu_nomic_moe import (
     cpu_flags,
     cpu_isa,
     cpu_plan,
+    cpu_vendor,
     int8_engine,
+    library_fp32_gemm_slow,
     vnni,
     warn_if_emulated_bf16,
     why_no_int8,
@@ -120,6 +122,9 @@ def describe(isa: Optional[str] = None) -> dict:
         "experts": plan.experts if plan else "sorted",
         "experts_why": plan.experts_why if plan else "",
         "threads": torch.get_num_threads(),
+        # the vendor, not the ISA: this machine's only (a simulated ISA keeps the real vendor's rule)
+        "vendor": cpu_vendor() or "unknown",
+        "fp32_packed_at_any_size": library_fp32_gemm_slow(),
     }
 
 

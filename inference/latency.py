@@ -5,8 +5,8 @@ In one run, on the same CPU and threads:
   - p50 and p99 of a 32-token and a 128-token query, for each dtype this CPU runs (float32;
     bfloat16 where native; int8 always, where a kernel exists);
   - the floor of each: the larger of (a) the query's matmul FLOPs at the rate of a large dense
-    GEMM in that dtype (4096 x 768 @ 768 x 3072; int8: the faster of the library's and, at 128 rows,
-    the package's kernel's), and (b) reading every non-embedding weight once at the memory bandwidth
+    GEMM in that dtype (4096 x 768 @ 768 x 3072: the fastest of torch's, oneDNN's packed product and,
+    at 128 rows, the package's kernel), and (b) reading every non-embedding weight once at the memory bandwidth
     measured here (a sum over 1 GiB);
   - optionally (--llama-cpp) llama.cpp's llama-embedding on the published layout's GGUF (f32, f16,
     q8_0) on the same query lengths: the outside anchor (benchmarks/llama_cpp.py builds it).
@@ -46,26 +46,38 @@ def _best(fn, repeats=5):
 
 def gemm_rates(dtype: str, M=4096, H=768, I=3072) -> dict:
     """FLOP/s of a large dense GEMM in ``dtype``, by who computes it: the library's (torch's GEMM; int8:
-    the dynamic quantized linear on the CPU's int8 engine) and, for int8, the package's few-row kernel
-    at the most rows it takes (128), which on VNNI CPUs computes int8 faster than the library does."""
+    the dynamic quantized linear on the CPU's int8 engine), oneDNN's packed product (fp32, native bf16),
+    and the package's few-row kernel at the most rows it takes (128). Torch's own GEMM is not always the
+    fastest: on VNNI CPUs the kernel computes int8 faster, and on AMD CPUs MKL's fp32 GEMM runs at less
+    than half of oneDNN's packed product (RESULTS.md)."""
+    from nomic_moe_kernels import small_gemm
+    from nomic_moe_modeling.cpu_nomic_moe import bf16_native, int8_engine
+    from nomic_moe_modeling.experts_nomic_moe import pack_linear, packed_available, packed_linear
+    from nomic_moe_modeling.int8_nomic_moe import Int8Linear
+
     a = torch.randn(M, H)
     w = torch.randn(I, H) * 0.02
+    flops = lambda rows: 2 * rows * H * I  # noqa: E731
+    kernel = small_gemm.load()
     if dtype != "int8":
         dt = getattr(torch, dtype)
         a, w = a.to(dt), w.to(dt)
-        return {"library": 2 * M * H * I / _best(lambda: F.linear(a, w))}
-    from nomic_moe_kernels import small_gemm
-    from nomic_moe_modeling.cpu_nomic_moe import int8_engine
-    from nomic_moe_modeling.int8_nomic_moe import Int8Linear
-
+        rates = {"library": flops(M) / _best(lambda: F.linear(a, w))}
+        if packed_available() and (dt == torch.float32 or (dt == torch.bfloat16 and bf16_native())):
+            pw = pack_linear(w)
+            rates["oneDNN packed"] = flops(M) / _best(lambda: packed_linear(a, pw))
+        if kernel is not None and dt in kernel.dtypes():
+            rows = min(M, kernel.max_rows(dt))
+            packed, x = kernel.pack(w), a[:rows].contiguous()
+            rates["few-row kernel"] = flops(rows) / _best(lambda: kernel.linear(x, packed))
+        return rates
     lin = Int8Linear(w, None, int8_engine())
-    rates = {"library": 2 * M * H * I / _best(lambda: lin(a))}
-    kernel = small_gemm.load()
+    rates = {"library": flops(M) / _best(lambda: lin(a))}
     if kernel is not None and kernel.int8:
         rows = min(M, kernel.max_rows(torch.int8))
         q = Int8Linear(w, None, int8_engine(), activations="per_token")
         packed, x = kernel.pack_int8(q._wq, q._w_scale), a[:rows].contiguous()
-        rates["few-row kernel"] = 2 * rows * H * I / _best(lambda: kernel.linear_int8(x, packed))
+        rates["few-row kernel"] = flops(rows) / _best(lambda: kernel.linear_int8(x, packed))
     return rates
 
 

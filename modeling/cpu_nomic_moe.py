@@ -12,6 +12,9 @@ tiles) and VNNI. One row of CPU_TABLE per ISA decides:
                FBGEMM on AVX-512 (VNNI) and AVX2.
   experts      the expert backend: "sorted" (per-expert GEMMs on contiguous segments) everywhere.
 
+Apart from the ISA, the vendor: torch's fp32 GEMM on x86 is MKL's, whose fast kernels run on Intel
+CPUs only (library_fp32_gemm_slow).
+
 Nothing here runs on import; the flags are read once, on first use.
 """
 
@@ -72,6 +75,28 @@ def cpu_flags() -> FrozenSet[str]:
     except OSError:
         pass
     return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """The CPU's vendor_id ("GenuineIntel", "AuthenticAMD"); "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def library_fp32_gemm_slow() -> bool:
+    """torch's fp32 GEMM (MKL, on x86 builds) runs far below oneDNN's packed product on this CPU: MKL
+    picks its fast kernels for Intel CPUs only. On an AMD EPYC (Zen 5, AVX-512), F.linear ran 2.2-2.8x
+    slower than oneDNN's packed product from 32 to 2048 rows, and fp32 batches ran 1.9x faster with
+    every product packed (benchmarks/RESULTS.md, "fp32 on AMD"). Unknown vendor: False (as measured on Intel)."""
+    return torch.backends.mkl.is_available() and cpu_vendor() not in ("", "GenuineIntel")
 
 
 def cpu_capability() -> str:

@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .cpu_nomic_moe import bf16_native
+from .cpu_nomic_moe import bf16_native, library_fp32_gemm_slow
 
 
 def experts_eager(x, routing, w1, w2):
@@ -183,9 +183,10 @@ def can_run_packed(x) -> bool:
 
 
 def use_packed(rows: int, dtype: torch.dtype) -> bool:
-    """Whether a product of ``rows`` rows takes the packed weights: fp32 up to PACKED_MAX_ROWS, bf16 at
-    any size (measured on AVX512_BF16: packed is 1.6-2.3x faster at 8 rows and no slower at 2048)."""
-    return dtype == torch.bfloat16 or rows <= PACKED_MAX_ROWS
+    """Whether a product of ``rows`` rows takes the packed weights: fp32 up to PACKED_MAX_ROWS, or at any
+    size where torch's own fp32 GEMM is the slow one (MKL on a non-Intel CPU); bf16 at any size
+    (measured on AVX512_BF16: packed is 1.6-2.3x faster at 8 rows and no slower at 2048)."""
+    return dtype == torch.bfloat16 or rows <= PACKED_MAX_ROWS or library_fp32_gemm_slow()
 
 
 class PackCache:
@@ -214,8 +215,9 @@ class PackCache:
         return (PackCache, ())
 
 
-# Rows up to which the packed layout is used. Measured (RESULTS.md, "CPU: packed or not, by rows"):
-# packed is 1.1-1.7x faster at 8-64 rows, even at 128-256, and 3-18% slower from 512 rows on.
+# Rows up to which the packed layout is used in fp32 (on Intel CPUs; see use_packed). Measured there
+# (RESULTS.md, "CPU: packed or not, by rows"): packed is 1.1-1.7x faster at 8-64 rows, even at
+# 128-256, and 3-18% slower from 512 rows on.
 PACKED_MAX_ROWS = 128
 
 

@@ -190,10 +190,11 @@ def is_exporting() -> bool:
 class NomicMoELinear(CpuKernels, nn.Linear):
     """nn.Linear (same parameters, same state dict) whose CPU inference in fp32 (and in bf16 where the
     CPU has it natively) uses its weight packed once for a CPU kernel: oneDNN's layout (use_packed: fp32
-    up to PACKED_MAX_ROWS rows, bf16 always), or first a kernel of the caller's (``cpu_kernel``, see
-    CpuKernels; the package's few-row kernel nomic_moe_kernels.small_gemm is one). F.linear re-lays the
-    weight out in every call, which at a short query's few rows costs about as much as the product; at
-    fp32 batch sizes the stored layout is as fast or faster (RESULTS.md, "CPU: packed or not, by rows")."""
+    up to PACKED_MAX_ROWS rows, or always where torch's fp32 GEMM is slow; bf16 always), or first a kernel
+    of the caller's (``cpu_kernel``, see CpuKernels; the package's few-row kernel nomic_moe_kernels.small_gemm
+    is one). F.linear re-lays the weight out in every call, which at a short query's few rows costs about
+    as much as the product; at fp32 batch sizes on Intel the stored layout is as fast or faster
+    (RESULTS.md, "CPU: packed or not, by rows"), on AMD half as fast (MKL's slow path)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

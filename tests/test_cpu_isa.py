@@ -104,6 +104,8 @@ def test_doctor_cpu_flag():
     assert any("588 ms" in n for n in out["notes"])
     fk = out["cpu"]["few_row_kernel"]  # the AVX2 build's kernel: fp32 products, attention, the one call
     assert fk["simulated"] and fk["dtypes"] == ["float32"] and fk["attention"] and fk["layers_in_one_call"]
+    # the fp32 packing rule follows this machine's vendor and BLAS, whatever ISA is simulated
+    assert out["cpu"]["fp32_packed_at_any_size"] is cpu_mod.library_fp32_gemm_slow()
     for args, dtype in ((["--cpu", "avx2"], "float32"), (["--cpu", "avx512_bf16"], "bfloat16"), (["--capability", "7.5"], "float16")):
         r = subprocess.run([sys.executable, "-m", "nomic_moe_cli", "doctor", *args, "--json"], capture_output=True, text=True,
                            timeout=300)
@@ -111,6 +113,7 @@ def test_doctor_cpu_flag():
     r = subprocess.run([sys.executable, "-m", "nomic_moe_cli", "doctor", "--cpu", "amx"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "auto dtype bfloat16" in r.stdout and "int8 kernel onednn" in r.stdout
     assert "-march=sapphirerapids) on for float32, bfloat16, int8 products" in r.stdout
+    assert ("fp32 products packed for oneDNN at every size" in r.stdout) is cpu_mod.library_fp32_gemm_slow()
 
 
 @pytest.mark.parametrize("isa", cpu_mod.ISAS)

@@ -65,13 +65,39 @@ def test_bf16_model_packs_once_and_repacks_after_a_weight_change(ckpts, monkeypa
 
 # --- fp32: every expert matrix prepacked in oneDNN's layout (experts_packed) ---------------------
 
-def test_oneDNN_packed_experts_match_the_reference():
-    from nomic_moe_modeling.experts_nomic_moe import ONEDNN, experts_packed, pack_experts, packed_available
+@pytest.fixture(params=[False, True], ids=["intel-mkl", "slow-library-fp32"])
+def slow_library(request, monkeypatch):
+    """Both fp32 rules of use_packed: packed up to PACKED_MAX_ROWS (Intel, where MKL is fast), and
+    packed at any size (a CPU where torch's fp32 GEMM is the slow one: MKL on AMD)."""
+    import nomic_moe_modeling.experts_nomic_moe as ex
+
+    monkeypatch.setattr(ex, "library_fp32_gemm_slow", lambda: request.param)
+    return request.param
+
+
+def test_the_library_fp32_gemm_counts_as_slow_on_non_intel_cpus_with_mkl(monkeypatch):
+    import nomic_moe_modeling.cpu_nomic_moe as cpu
+
+    for vendor, mkl, slow in (("AuthenticAMD", True, True), ("GenuineIntel", True, False), ("", True, False),
+                              ("AuthenticAMD", False, False)):
+        monkeypatch.setattr(cpu, "cpu_vendor", lambda: vendor)
+        monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
+        cpu.library_fp32_gemm_slow.cache_clear()
+        try:
+            assert cpu.library_fp32_gemm_slow() is slow, (vendor, mkl)
+        finally:
+            cpu.library_fp32_gemm_slow.cache_clear()
+
+
+def test_oneDNN_packed_experts_match_the_reference(slow_library):
+    from nomic_moe_modeling.experts_nomic_moe import ONEDNN, experts_packed, pack_experts, packed_available, use_packed
 
     assert packed_available(), "this torch has no oneDNN: the CPU fast path would never run"
+    assert use_packed(700, torch.float32) is slow_library
     for case in (dict(N=60), dict(N=1, k=1, E=4), dict(N=90, skew=True), dict(N=700), dict(N=0)):
         x, routing, w1, w2 = make_case(**case)
-        got = experts_packed(x, routing, w1, w2, [(ONEDNN, lambda: pack_experts(w1, w2))])  # N=700: long segments, stored weights
+        # N=700: long segments, on the stored weights where MKL is fast, packed where it is slow
+        got = experts_packed(x, routing, w1, w2, [(ONEDNN, lambda: pack_experts(w1, w2))])
         ref = BACKENDS["eager"](x, routing, w1, w2)
         assert got.shape == ref.shape
         if ref.numel():
@@ -103,7 +129,7 @@ def test_fp32_model_uses_packed_experts_once_and_repacks_after_a_weight_change(c
 
 # --- fp32: the attention and dense-MLP matrices prepacked too (NomicMoELinear) --------------------
 
-def test_packed_linear_matches_F_linear():
+def test_packed_linear_matches_F_linear(slow_library):
     from nomic_moe_modeling.modeling_nomic_moe import NomicMoELinear
 
     torch.manual_seed(0)
@@ -123,8 +149,11 @@ def test_packed_linear_matches_F_linear():
     big = NomicMoELinear(96, 160)
     with torch.no_grad():
         x = torch.randn(700, 96)
-        assert torch.equal(big(x), torch.nn.functional.linear(x, big.weight, big.bias))
-    assert big._pack.value is None  # batch-sized calls keep the stored layout, and make no packed copy
+        ref = torch.nn.functional.linear(x, big.weight, big.bias)
+        if slow_library:  # batch-sized calls packed too, the same sums
+            assert (big(x) - ref).abs().max().item() <= 1e-5 and big._pack.value is not None
+        else:  # batch-sized calls keep the stored layout, and make no packed copy
+            assert torch.equal(big(x), ref) and big._pack.value is None
 
 
 def test_fp32_model_packed_everywhere_matches_unpacked_and_stays_copyable(ckpts):
