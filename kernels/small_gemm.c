@@ -93,7 +93,11 @@ static inline __attribute__((always_inline)) void tile_f32(
     float out[NB];
     memcpy(out, &acc[m][0], sizeof(vf));
     memcpy(out + VW, &acc[m][1], sizeof(vf));
-    for (int j = 0; j < NB; j++) out[j] += bias && j < ncols ? bias[j] : 0.0f;
+    // bias tested outside the loop: inside it, gcc made masked loads from bias, which with no bias read
+    // near address 0 under an empty mask, and Zen 5 takes a slow assist for each one: 1.2-1.8x on the
+    // whole product there (RESULTS.md, "A new machine: AMD EPYC, Zen 5")
+    if (bias)
+      for (int j = 0; j < ncols; j++) out[j] += bias[j];
 #if defined(NM_VEC)
     if (gelu)  // an MLP's up product: F.gelu of each output as it is written (gelu_ps, vec_math.h)
       for (int h = 0; h < NB; h += NM_VL) vps_store(out + h, gelu_ps(vps_load(out + h)));
