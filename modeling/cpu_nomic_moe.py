@@ -64,26 +64,12 @@ CPU_TABLE = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> FrozenSet[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+def _cpuinfo(*keys: str) -> str:
+    """The value of the first /proc/cpuinfo line (Linux) that starts with one of ``keys``; "" where none can be read."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags") or line.startswith("Features"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_vendor() -> str:
-    """The CPU's vendor_id ("GenuineIntel", "AuthenticAMD"); "" where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(keys):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
@@ -91,11 +77,24 @@ def cpu_vendor() -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_flags() -> FrozenSet[str]:
+    """The CPU's feature flags; empty where they cannot be read."""
+    return frozenset(_cpuinfo("flags", "Features").split())
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """The CPU's vendor_id ("GenuineIntel", "AuthenticAMD"); "" where it cannot be read."""
+    return _cpuinfo("vendor_id")
+
+
+@functools.lru_cache(maxsize=None)
 def library_fp32_gemm_slow() -> bool:
     """torch's fp32 GEMM (MKL, on x86 builds) runs far below oneDNN's packed product on this CPU: MKL
     picks its fast kernels for Intel CPUs only. On an AMD EPYC (Zen 5, AVX-512), F.linear ran 2.2-2.8x
     slower than oneDNN's packed product from 32 to 2048 rows, and fp32 batches ran 1.9x faster with
-    every product packed (benchmarks/RESULTS.md, "fp32 on AMD"). Unknown vendor: False (as measured on Intel)."""
+    every product packed (benchmarks/RESULTS.md, "A new machine: AMD EPYC, Zen 5"). Unknown vendor:
+    False (as measured on Intel)."""
     return torch.backends.mkl.is_available() and cpu_vendor() not in ("", "GenuineIntel")
 
 
