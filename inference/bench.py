@@ -156,21 +156,27 @@ def _best_time(fn, device, repeats=5):
     return best
 
 
-def gemm_flops(device, dtype, M=4096, H=768, I=3072):
-    """The hardware limit as this machine's GEMM libraries show it: a dense FFN GEMM pair, FLOP/s; on the
-    CPU the faster of torch's GEMM and oneDNN's packed product (on AMD CPUs MKL's fp32 GEMM runs at less
-    than half of oneDNN's, and the model takes the packed one there)."""
+def dense_pair_time(a, w1, w2, device, gelu=False):
+    """Seconds for the FFN GEMM pair a @ w1.T (GELU) @ w2.T, the faster of torch's GEMM and, on the CPU,
+    oneDNN's packed product (on AMD CPUs MKL's fp32 GEMM runs at less than half of oneDNN's, and the
+    model takes the packed one there): the dense yardstick of the limit and of the MoE block."""
     from nomic_moe_modeling.experts_nomic_moe import can_run_packed, pack_linear, packed_linear
 
-    a = torch.randn(M, H, device=device, dtype=dtype)
-    w1 = torch.randn(I, H, device=device, dtype=dtype)
-    w2 = torch.randn(H, I, device=device, dtype=dtype)
-    best = _best_time(lambda: F.linear(F.linear(a, w1), w2), device)
+    act = F.gelu if gelu else (lambda t: t)
+    best = _best_time(lambda: F.linear(act(F.linear(a, w1)), w2), device)
     with torch.no_grad():
         if can_run_packed(a):
             p1, p2 = pack_linear(w1), pack_linear(w2)
-            best = min(best, _best_time(lambda: packed_linear(packed_linear(a, p1), p2), device))
-    return 2 * 2 * M * H * I / best
+            best = min(best, _best_time(lambda: packed_linear(act(packed_linear(a, p1)), p2), device))
+    return best
+
+
+def gemm_flops(device, dtype, M=4096, H=768, I=3072):
+    """The hardware limit as this machine's GEMM libraries show it: a dense FFN GEMM pair, FLOP/s."""
+    a = torch.randn(M, H, device=device, dtype=dtype)
+    w1 = torch.randn(I, H, device=device, dtype=dtype)
+    w2 = torch.randn(H, I, device=device, dtype=dtype)
+    return 2 * 2 * M * H * I / dense_pair_time(a, w1, w2, device)
 
 
 @torch.no_grad()
@@ -188,7 +194,7 @@ def moe_layer_vs_dense(model, device, dtype, n_tokens=8192):
     a = torch.randn(n_tokens * k, H, device=device, dtype=dtype)
     w1 = torch.randn(I, H, device=device, dtype=dtype)
     w2 = torch.randn(H, I, device=device, dtype=dtype)
-    dense = _best_time(lambda: F.linear(F.gelu(F.linear(a, w1)), w2), device)
+    dense = dense_pair_time(a, w1, w2, device, gelu=True)
     return {"moe_ms": moe * 1e3, "dense_pair_ms": dense * 1e3, "ratio": moe / dense, "tokens": n_tokens}
 
 
