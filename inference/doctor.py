@@ -160,10 +160,12 @@ def print_report(r: dict) -> None:
     print(f"           auto dtype {c['dtype']} ({'native bf16' if c['bf16_native'] else 'bf16 not native: fp32 is the fast float'}), "
           f"int8 kernel {c['int8_kernel'] or 'none'}: {c['int8_why']}"
           + ("; per-token activations (quantize_int8(activations='per_token')) use torch._int_mm" if c["int8_kernel"] else ""))
+    from nomic_moe_modeling.experts_nomic_moe import PACKED_MAX_ROWS
+
     if c["fp32_packed_at_any_size"]:
         print(f"           fp32 products packed for oneDNN at every size: torch's fp32 GEMM (MKL) is slow on {c['vendor']}")
     else:
-        print("           fp32 products packed for oneDNN up to 128 rows; larger ones on torch's own GEMM")
+        print(f"           fp32 products packed for oneDNN up to {PACKED_MAX_ROWS} rows; larger ones on torch's own GEMM")
     fk = c.get("few_row_kernel")
     if fk:
         print("           few-row kernel " + ("(as built with -march=" + fk["march"] + ") " if fk.get("simulated") else "")

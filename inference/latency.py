@@ -51,8 +51,8 @@ def gemm_rates(dtype: str, M=4096, H=768, I=3072) -> dict:
     fastest: on VNNI CPUs the kernel computes int8 faster, and on AMD CPUs MKL's fp32 GEMM runs at less
     than half of oneDNN's packed product (RESULTS.md)."""
     from nomic_moe_kernels import small_gemm
-    from nomic_moe_modeling.cpu_nomic_moe import bf16_native, int8_engine
-    from nomic_moe_modeling.experts_nomic_moe import pack_linear, packed_available, packed_linear
+    from nomic_moe_modeling.cpu_nomic_moe import int8_engine
+    from nomic_moe_modeling.experts_nomic_moe import can_run_packed, pack_linear, packed_linear
     from nomic_moe_modeling.int8_nomic_moe import Int8Linear
 
     a = torch.randn(M, H)
@@ -63,9 +63,10 @@ def gemm_rates(dtype: str, M=4096, H=768, I=3072) -> dict:
         dt = getattr(torch, dtype)
         a, w = a.to(dt), w.to(dt)
         rates = {"library": flops(M) / _best(lambda: F.linear(a, w))}
-        if packed_available() and (dt == torch.float32 or (dt == torch.bfloat16 and bf16_native())):
-            pw = pack_linear(w)
-            rates["oneDNN packed"] = flops(M) / _best(lambda: packed_linear(a, pw))
+        with torch.no_grad():  # where the model itself takes the packed product
+            if can_run_packed(a):
+                pw = pack_linear(w)
+                rates["oneDNN packed"] = flops(M) / _best(lambda: packed_linear(a, pw))
         if kernel is not None and dt in kernel.dtypes():
             rows = min(M, kernel.max_rows(dt))
             packed, x = kernel.pack(w), a[:rows].contiguous()

@@ -114,7 +114,6 @@ def test_bf16_and_int8_in_one_call_stay_with_the_loop(kernel, models, dtype, mon
     assert F.cosine_similarity(one, loop).min().item() > 0.9999
 
 
-
 def test_a_vnni_cpu_without_bf16_runs_int8_in_one_call(vnni_kernel, kernel, models, monkeypatch):
     """Cascade Lake / Ice Lake: the int8 model takes the one call with the VNNI products (nothing of
     AVX512_BF16 in their path), and gives this CPU's build's vectors; a bf16 model is left to the loop."""
@@ -133,6 +132,7 @@ def test_a_vnni_cpu_without_bf16_runs_int8_in_one_call(vnni_kernel, kernel, mode
         bf16(input_ids=ids, attention_mask=mask)
     assert runs.ran == 1 and runs.declined == 1
     assert (got - want).abs().max().item() <= ATOL
+
 
 def test_expert_counts_are_the_routers(kernel, models):
     """The call returns each MoE layer's (token, slot) pairs per expert: the routing's counts, which
