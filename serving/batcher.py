@@ -12,9 +12,11 @@ Two ways to keep queries ahead of ingestion, by what the model worker can do:
   preempt (a backend that runs a batch layer by layer) each batch holds one lane only. Between two
           layers of a bulk batch the worker asks `take_queries` and runs the queries' batch whole,
           so a query waits for one layer of bulk work, not one batch. Bulk batches can then be
-          long, where a CPU runs them fastest. When queries come back to back, `bulk_share` of
-          the model's time stays with bulk work: a query batch runs only after bulk has run for
-          bulk_share / (1 - bulk_share) times the last query batch's time. A query batch holds at
+          long, where a CPU runs them fastest. Once queries may run, every query waiting at that
+          moment runs (a burst: `more_queries` gives its next batches), so that none waits a second
+          turn behind bulk work. When queries come back to back, `bulk_share` of the model's time
+          stays with bulk work: a burst runs only after bulk has run for bulk_share / (1 - bulk_share)
+          times the last burst's time. A query batch holds at
           most `query_batch_tokens` (where given): the most a backend runs in its fastest path for
           short batches (a CPU kernel's one call for every layer), where a longer batch runs slower
           per token.
@@ -57,6 +59,7 @@ class Job:
     deadline: float  # time.monotonic() after which the job is not worth running
     notify: Callable[[Optional[BaseException]], None]  # called once from the model thread: None = done
     enqueued: float = field(default_factory=time.monotonic)
+    seq: int = 0  # order of admission (set by Batcher.submit)
     cancelled: Optional[str] = None  # set by the owner: "disconnected" or "deadline" (it has answered already)
     next: int = 0  # first input not yet scheduled
     finished: int = 0  # inputs whose vectors are in `vectors`
@@ -105,7 +108,9 @@ class Batcher:
         self.mixed_fraction = mixed_fraction  # mixed mode: share of the budget a batch with queries in it may fill in all
         self.preempt = preempt
         self.bulk_share = bulk_share
-        self.last_query_seconds = 0.0  # model time of the last query batch: what bulk must run before the next one
+        self.last_query_seconds = 0.0  # model time of the last burst of query batches: what bulk must run before the next
+        self._burst_end: Optional[int] = None  # while a burst runs: the admission number it stops at (the queries queued before it began)
+        self._admitted = 0  # jobs admitted so far: the next one's seq
         self.max_queue_tokens = max_queue_tokens
         self.starve_after = starve_after
         self.clock = clock
@@ -131,6 +136,7 @@ class Batcher:
             if queued and queued + n > self.max_queue_tokens:
                 rate = self.tokens_per_second or 1000.0
                 raise Overloaded(max(1.0, queued / rate), queued, self.max_queue_tokens)
+            job.seq, self._admitted = self._admitted, self._admitted + 1
             self.lanes[job.lane].append(job)
             self.queued_tokens[job.lane] += n
             self._cv.notify()
@@ -168,19 +174,37 @@ class Batcher:
 
     def take_queries(self, bulk_seconds: float) -> Optional[Batch]:
         """Preempt mode, between two layers of a bulk batch that has run `bulk_seconds` since the last
-        query batch: a batch of queued queries to run now, or None (none waiting, or bulk's share not yet run)."""
+        query batch: the first batch of a burst of queued queries to run now, or None (none waiting, or
+        bulk's share not yet run). The worker then runs `more_queries` until it gives None."""
         with self._cv:
             self._drop_stale()
             if not self.lanes["query"]:
                 return None
             if bulk_seconds < self.bulk_share / (1 - self.bulk_share) * self.last_query_seconds:
                 return None
-            return self._fill(("query",))  # a bulk batch is running: not counted as one that left bulk waiting
+            self._burst_end, self.last_query_seconds = self._admitted, 0.0
+            return self._burst_batch()
+
+    def more_queries(self) -> Optional[Batch]:
+        """The next batch of the running burst: queries that were queued when it began, or None (the burst is over).
+        Queries that came later wait for bulk's share: a burst is bounded by what was waiting."""
+        with self._cv:
+            self._drop_stale()
+            return self._burst_batch()
+
+    def _burst_batch(self) -> Optional[Batch]:
+        if self._burst_end is None:
+            return None
+        q = self.lanes["query"]
+        if not q or q[0].seq >= self._burst_end:
+            self._burst_end = None
+            return None
+        return self._fill(("query",), before=self._burst_end)  # a bulk batch is running: not counted as one that left bulk waiting
 
     def complete(self, batch: Batch, vectors: np.ndarray, seconds: float) -> None:
         """Hands each job its rows of the batch's output; jobs with every input done are notified."""
-        if batch.lane == "query":
-            self.last_query_seconds = seconds
+        if batch.lane == "query":  # a burst's batches add up: bulk's share is weighed against the whole burst
+            self.last_query_seconds = (self.last_query_seconds if self._burst_end is not None else 0.0) + seconds
         row = 0
         for job, lo, hi in batch.parts:
             if job.finished < 0:  # dropped or failed while this chunk ran: its owner has its answer
@@ -222,7 +246,9 @@ class Batcher:
                 self.dropped[why] += 1
                 job.notify(Dropped(why))
 
-    def _fill(self, lanes: Tuple[str, ...] = LANES) -> Batch:
+    def _fill(self, lanes: Tuple[str, ...] = LANES, before: Optional[int] = None) -> Batch:
+        """The next batch from `lanes` (in order, each lane first come, first served); `before`: only
+        jobs admitted before that number (Job.seq)."""
         budget = self.max_batch_tokens
         parts: List[Tuple[Job, int, int]] = []
         order = list(lanes)
@@ -240,6 +266,8 @@ class Batcher:
                 budget = min(budget, max(0, int(self.max_batch_tokens * self.mixed_fraction) - (self.max_batch_tokens - budget)))
             while q and budget > 0:
                 job = q[0]
+                if before is not None and job.seq >= before:
+                    break
                 lo = hi = job.next
                 while hi < len(job.ids) and (len(job.ids[hi]) <= budget or (hi == lo and not parts)):
                     budget -= len(job.ids[hi])

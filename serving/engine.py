@@ -236,8 +236,10 @@ class Engine:
             queries = self.batcher.take_queries(since_queries)
             if queries is not None:
                 self.metrics.preemptions.inc()
-                self._run(queries)
                 since_queries = 0.0
+            while queries is not None:  # every query that was waiting, so that none waits another layer
+                self._run(queries)
+                queries = self.batcher.more_queries()
 
     def _failed(self, batch, error: Exception) -> None:
         self.log(f"a batch of {len(batch.inputs())} inputs failed: {type(error).__name__}: {error}")

@@ -229,3 +229,49 @@ def test_the_worker_runs_a_query_between_two_layers_of_a_bulk_batch():
     assert log == [("q", None), ("docs", None)]
     assert query.vectors.shape == (1, 2) and docs.vectors[0, 0] == 1.0
     assert engine.metrics.preemptions._value.get() == 1
+
+
+def test_a_turn_of_queries_runs_every_query_then_waiting_and_bulk_its_share_of_the_turn():
+    b = Batcher(max_batch_tokens=100, max_queue_tokens=10_000, preempt=True, bulk_share=0.75, query_batch_tokens=20,
+                clock=Clock())
+    b.submit(job([50, 50, 50], "bulk"))
+    assert b.next_batch(0).lane == "bulk"
+    log = []
+    for name in ("q1", "q2", "q3"):  # 36 tokens: two batches of at most 20
+        b.submit(job([12], "query", log=log, name=name))
+    first = b.take_queries(bulk_seconds=0.1)
+    assert [p[0].seq for p in first.parts] == [1]  # 12 tokens; 24 would pass the cap
+    b.complete(first, np.zeros((1, 2), np.float32), 1.0)
+    b.submit(job([12], "query", log=log, name="late"))  # answered clients send again while the turn runs
+    second = b.more_queries()
+    assert [name for name, _ in log] == ["q1"] and second.tokens == 12
+    b.complete(second, np.zeros((1, 2), np.float32), 1.0)
+    third = b.more_queries()
+    b.complete(third, np.zeros((1, 2), np.float32), 0.5)
+    assert [name for name, _ in log] == ["q1", "q2", "q3"]
+    assert b.more_queries() is None  # "late" came after the turn began: it waits for bulk's share
+    assert b.depth()["query"] == (1, 12)
+    # the turn took 2.5 s of model time: bulk runs 3 x 2.5 s before the next
+    assert b.take_queries(bulk_seconds=7.4) is None
+    late = b.take_queries(bulk_seconds=7.5)
+    assert late is not None and late.tokens == 12
+    b.complete(late, np.zeros((1, 2), np.float32), 0.2)
+    assert b.more_queries() is None and b.last_query_seconds == 0.2  # a new turn: its own time only
+
+
+def test_the_worker_runs_every_waiting_query_between_the_same_two_layers():
+    from nomic_moe_serving.engine import Engine
+    from nomic_moe_serving.metrics import Metrics
+
+    b = Batcher(max_batch_tokens=1000, max_queue_tokens=10_000, preempt=True, bulk_share=0.0, query_batch_tokens=5)
+    log = []
+    queries = [job([5], "query", log=log, name=f"q{i}") for i in range(3)]  # one batch each (the cap is 5 tokens)
+    backend = SteppingBackend(on_step=lambda layer: [b.submit(q) for q in queries] if layer == 0 else None)
+    engine = Engine.__new__(Engine)
+    engine.backend, engine.batcher, engine.metrics, engine.preempt, engine.log = backend, b, Metrics(), True, lambda m: None
+    b.tokens_per_second = 100.0
+    b.submit(job([50, 50], "bulk", log=log, name="docs"))
+    engine._run_bulk(b.next_batch(0))
+    assert backend.events == [("layer", 0, 2), ("whole", 1), ("whole", 1), ("whole", 1), ("layer", 1, 2), ("layer", 2, 2)]
+    assert [name for name, _ in log] == ["q0", "q1", "q2", "docs"]
+    assert engine.metrics.preemptions._value.get() == 1  # one turn
