@@ -601,8 +601,15 @@ class NomicMoELayer(nn.Module):
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # after the MLP / MoE
 
     def forward(self, x: torch.Tensor, packing: Packing):
-        # post-LayerNorm: normalise after each residual add
-        x = self.norm1(x + self.attn(x, packing))
+        return self.mlp_block(self.attention_block(x, packing), packing)
+
+    # A layer's two halves, post-LayerNorm (normalised after each residual add), apart so that a
+    # server can run other batches between them.
+    def attention_block(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        return self.norm1(x + self.attn(x, packing))  # [N, H]
+
+    def mlp_block(self, x: torch.Tensor, packing: Packing):
+        """-> ([N, H], the routing: None in a dense layer)"""
         m, routing = self.mlp(x, packing)
         return self.norm2(x + m), routing
 

@@ -309,7 +309,7 @@ def create_app(engine: Engine) -> FastAPI:
                 "max_queue_tokens": engine.batcher.max_queue_tokens if engine.batcher else None,
                 "warmup_tokens_per_second": engine.rate, "max_client_batch_size": s.max_inputs,
                 "query_lane_tokens": s.query_tokens,
-                "batching": ("queries between layers of bulk batches" if engine.preempt else "queries first at batch boundaries")
+                "batching": ("queries between steps of bulk batches" if engine.preempt else "queries first at batch boundaries")
                 if engine.batcher else None,
                 "bulk_share": s.bulk_share if engine.batcher and engine.preempt else None, "model_nice": engine.nice,
                 "pid": os.getpid()}

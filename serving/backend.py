@@ -22,6 +22,15 @@ from nomic_moe_inference.batching import pad_batch
 
 
 
+def halves(layer):
+    """An encoder layer's steps, [N, H] -> [N, H] each: its attention and MLP blocks, or the whole layer
+    where the folder's model code is older than them. Half a layer is the most a query waits for behind
+    a bulk batch: the longest, a MoE block, is four fifths of its layer's FLOPs at the real size."""
+    if hasattr(layer, "mlp_block"):
+        return layer.attention_block, lambda x, packing: layer.mlp_block(x, packing)[0]
+    return (lambda x, packing: layer(x, packing)[0],)
+
+
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """[B, S, H], [B, S] -> [B, H]: mean over real tokens (denominator clamped, as the model's pooling)."""
     m = mask[..., None].astype(np.float32)
@@ -117,9 +126,10 @@ class TorchBackend:
         return pooled
 
     def embed_steps(self, inputs: List[List[int]], graphs: bool = True):
-        """The model's forward pass one layer at a time: a generator that yields after each layer and
-        returns the pooled [n, H] float32. Between two yields the caller may run other batches (the
-        query lane preempting bulk work); the model's own embed_packed and layers, as its forward, so the same vectors."""
+        """The model's forward pass half a layer at a time (attention, then the MLP or MoE block): a
+        generator that yields after each half and returns the pooled [n, H] float32. Between two yields
+        the caller may run other batches (the query lane preempting bulk work); the model's own
+        embed_packed and layer halves, as its forward, so the same vectors."""
         torch, model = self.torch, self.model
         out = self._embed_graphed(inputs) if graphs else None
         if out is not None:
@@ -136,10 +146,11 @@ class TorchBackend:
             with torch.inference_mode():
                 return self._pool(packing.unpack(x), m, list(counts))
         for layer in model.encoder.layers:
-            with torch.inference_mode():
-                self._pending = pending
-                x, _ = layer(x, packing)
-            yield
+            for half in halves(layer):
+                with torch.inference_mode():
+                    self._pending = pending
+                    x = half(x, packing)
+                yield
         with torch.inference_mode():
             return self._pool(packing.unpack(x), m, pending)
 

@@ -9,9 +9,9 @@ Two ways to keep queries ahead of ingestion, by what the model worker can do:
   mixed   (a backend that runs a batch whole, e.g. an ONNX graph) at every batch boundary the
           batcher takes queries first and tops the batch up with a little bulk work, so a query
           waits at most for the one batch already running;
-  preempt (a backend that runs a batch layer by layer) each batch holds one lane only. Between two
-          layers of a bulk batch the worker asks `take_queries` and runs the queries' batch whole,
-          so a query waits for one layer of bulk work, not one batch. Bulk batches can then be
+  preempt (a backend that runs a batch in steps: half a layer each) each batch holds one lane only.
+          Between two steps of a bulk batch the worker asks `take_queries` and runs the queries'
+          batches whole, so a query waits for one step of bulk work, not one batch. Bulk batches can then be
           long, where a CPU runs them fastest. Once queries may run, every query waiting at that
           moment runs (a burst: `more_queries` gives its next batches), so that none waits a second
           turn behind bulk work. When queries come back to back, `bulk_share` of the model's time
@@ -173,7 +173,7 @@ class Batcher:
                 self._cv.wait(wait)
 
     def take_queries(self, bulk_seconds: float) -> Optional[Batch]:
-        """Preempt mode, between two layers of a bulk batch that has run `bulk_seconds` since the last
+        """Preempt mode, between two steps of a bulk batch that has run `bulk_seconds` since the last
         query batch: the first batch of a burst of queued queries to run now, or None (none waiting, or
         bulk's share not yet run). The worker then runs `more_queries` until it gives None."""
         with self._cv:

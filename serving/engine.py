@@ -33,7 +33,7 @@ from .settings import Settings
 
 MIN_BATCH_TOKENS, MAX_BATCH_TOKENS = MAX_SEQ_LENGTH, 16384
 WHOLE_BATCH_SECONDS = 1.0  # default batch length where a query waits for the whole batch ahead of it
-PREEMPT_BATCH_SECONDS = 4.0  # where it waits for one layer of it (1/12)
+PREEMPT_BATCH_SECONDS = 4.0  # where it waits for one step of it (half a layer: 1/24 on average)
 
 
 def log(msg: str) -> None:
@@ -97,7 +97,7 @@ class Engine:
         self.tokenizer = None
         self.batcher: Optional[Batcher] = None
         self.rate: Optional[float] = None  # tokens/s measured at warm-up
-        self.preempt = False  # set at load: whether queries run between two layers of a bulk batch
+        self.preempt = False  # set at load: whether queries run between two steps of a bulk batch
         self.nice = 0  # how much nicer the model's threads run than the process (set on the model thread)
         self.metrics = Metrics(self)
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
@@ -162,7 +162,7 @@ class Engine:
         # Frozen, a full collection walks only what came after.
         gc.collect()
         gc.freeze()
-        # a backend that runs layer by layer lets queries in between two layers of a bulk batch, so
+        # a backend that runs in steps (half a layer) lets queries in between two steps of a bulk batch, so
         # bulk batches can be long (a CPU runs long batches fastest); one that runs a batch whole
         # keeps batches short, because a query waits for the whole batch ahead of it
         self.preempt = getattr(self.backend, "can_step", False)
@@ -189,7 +189,7 @@ class Engine:
                  + (f", short batches {b['short batches']}" if b.get("short batches") else "") + f"; warm-up {self.rate:,.0f} tokens/s, "
                  f"batch budget {budget} tokens ({'set' if s.max_batch_tokens else f'{self.batch_seconds:g} s of work'}), "
                  f"queue budget {self.batcher.max_queue_tokens} tokens, "
-                 + (f"queries between layers of bulk batches (bulk keeps {s.bulk_share:.0%} of the time)" if self.preempt
+                 + (f"queries between steps of bulk batches (bulk keeps {s.bulk_share:.0%} of the time)" if self.preempt
                     else "queries first at every batch boundary")
                  + (f", query batches up to {self.batcher.query_batch_tokens} tokens" if self.batcher.query_batch_tokens else "")
                  + (f"; model threads nice +{self.nice}" if self.nice else ""))
@@ -216,7 +216,7 @@ class Engine:
         self._done(batch, vectors, time.perf_counter() - t0)
 
     def _run_bulk(self, batch) -> None:
-        """A bulk batch layer by layer; between two layers, the queries waiting run first (Batcher.take_queries)."""
+        """A bulk batch step by step (half a layer each); between two steps, the queries waiting run first (Batcher.take_queries)."""
         steps = self.backend.embed_steps(batch.inputs())
         model_seconds = since_queries = 0.0
         while True:
@@ -237,7 +237,7 @@ class Engine:
             if queries is not None:
                 self.metrics.preemptions.inc()
                 since_queries = 0.0
-            while queries is not None:  # every query that was waiting, so that none waits another layer
+            while queries is not None:  # every query that was waiting, so that none waits another turn
                 self._run(queries)
                 queries = self.batcher.more_queries()
 

@@ -26,7 +26,7 @@ class Metrics:
         self.batch_inputs = Histogram("nomic_moe_batch_inputs", "inputs packed into one forward pass", buckets=COUNTS, registry=r)
         self.tokens = Counter("nomic_moe_tokens", "real tokens embedded (rate() gives tokens per second)", registry=r)
         self.tokens_per_second = Gauge("nomic_moe_tokens_per_second", "real tokens per second of the last forward pass", registry=r)
-        self.preemptions = Counter("nomic_moe_preemptions", "times queries ran between two layers of a bulk batch (each time, every query then waiting)", registry=r)
+        self.preemptions = Counter("nomic_moe_preemptions", "times queries ran between two steps of a bulk batch (each time, every query then waiting)", registry=r)
         self.dropped = Counter("nomic_moe_dropped", "queued requests dropped before running", ["reason"], registry=r)
         self.rejected = Counter("nomic_moe_rejected", "requests refused at admission", ["reason"], registry=r)
         if engine is not None:

@@ -18,7 +18,7 @@ class Settings:
     model_nice: int = 5  # a CPU model's threads this much nicer than the rest of the server (Linux; 0: as the process)
     cuda_graphs: bool = True  # on CUDA, short batches replay captured graphs (nomic_moe_inference.cuda_graphs)
     max_batch_tokens: Optional[int] = None  # default: sized at warm-up so one batch takes batch_seconds
-    batch_seconds: Optional[float] = None  # default: 4 s where queries preempt bulk between layers (PyTorch), else 1 s
+    batch_seconds: Optional[float] = None  # default: 4 s where queries preempt bulk between steps of half a layer (PyTorch), else 1 s
     bulk_share: float = 0.75  # share of model time bulk work keeps while queries come back to back
     query_batch_tokens: Optional[int] = None  # most tokens in a query batch; default: the backend's short-batch size, 0: none
     max_queue_tokens: Optional[int] = None  # default: 32 batches

@@ -1,5 +1,5 @@
-"""The server's PyTorch backend: a bulk batch run layer by layer, with a query batch run in between,
-gives the vectors of the model's own forward pass (so preemption changes no vector)."""
+"""The server's PyTorch backend: a bulk batch run half a layer at a time, with a query batch run in
+between, gives the vectors of the model's own forward pass (so preemption changes no vector)."""
 
 import numpy as np
 import pytest
@@ -28,7 +28,7 @@ def test_layer_steps_with_a_query_batch_in_between_match_the_model(ckpts):
     rng = np.random.default_rng(0)
     bulk, queries = texts(rng, [40, 7, 90, 23]), texts(rng, [9, 12])
     steps = b.embed_steps(bulk)
-    layers = 0
+    halves = 0
     q = None
     while True:
         try:
@@ -36,15 +36,34 @@ def test_layer_steps_with_a_query_batch_in_between_match_the_model(ckpts):
         except StopIteration as done:
             bulk_vectors = done.value
             break
-        layers += 1
-        if layers == 1:
-            q = b.embed(queries)  # the query lane preempts after the first layer
-    assert layers == len(b.model.encoder.layers)
+        halves += 1
+        if halves in (1, 4):
+            q = b.embed(queries)  # the query lane preempts after the first layer's attention, and after the second layer
+    assert halves == 2 * len(b.model.encoder.layers)
     np.testing.assert_allclose(bulk_vectors, reference(b.model, bulk), atol=1e-5, rtol=0)
     np.testing.assert_allclose(q, reference(b.model, queries), atol=1e-5, rtol=0)
     # each batch's routing counts land once: every MoE layer saw 2 slots per real token of both batches
-    tokens = sum(len(x) for x in bulk + queries)
+    tokens = sum(len(x) for x in bulk + 2 * queries)
     assert (b.expert_pairs.sum(1) == 2 * tokens).all(), b.expert_pairs.sum(1)
+
+
+def whole_layer(self, x, packing):
+    """NomicMoELayer.forward as the model files had it before the two halves"""
+    x = self.norm1(x + self.attn(x, packing))
+    m, routing = self.mlp(x, packing)
+    return self.norm2(x + m), routing
+
+
+def test_model_files_without_layer_halves_step_whole_layers(ckpts, monkeypatch):
+    """A folder whose model code predates attention_block / mlp_block steps a layer at a time: the same vectors."""
+    b = TorchBackend(ckpts.converted(), threads=1)
+    bulk = texts(np.random.default_rng(4), [60, 150])
+    halved = b.embed_eager(bulk)
+    layer_class = type(b.model.encoder.layers[0])
+    monkeypatch.delattr(layer_class, "mlp_block")
+    monkeypatch.setattr(layer_class, "forward", whole_layer)
+    assert sum(1 for _ in b.embed_steps(bulk)) == len(b.model.encoder.layers)
+    np.testing.assert_allclose(b.embed_eager(bulk), halved, atol=1e-6, rtol=0)
 
 
 def test_model_files_without_embed_packed_run_whole(ckpts, monkeypatch):
@@ -70,8 +89,8 @@ def test_short_batches_through_the_graphs_path_match_the_model(ckpts):
     np.testing.assert_allclose(b.embed(short), reference(b.model, short), atol=1e-5, rtol=0)
     assert set(b.graphs.graphs) == {(4, 32)}
     assert (b.expert_pairs.sum(1) == 2 * sum(map(len, short))).all()
-    layers = sum(1 for _ in b.embed_steps(long))
-    assert layers == len(b.model.encoder.layers)  # over the graphs' budget: stepped layer by layer
+    halves = sum(1 for _ in b.embed_steps(long))
+    assert halves == 2 * len(b.model.encoder.layers)  # over the graphs' budget: stepped half a layer at a time
     np.testing.assert_allclose(b.embed(long), reference(b.model, long), atol=1e-5, rtol=0)
 
 
@@ -91,7 +110,7 @@ def test_a_short_batch_runs_its_layers_in_one_kernel_call(ckpts):
             vectors = done.value
             break
         yields += 1
-    assert yields == (0 if one_call else len(b.model.encoder.layers))
+    assert yields == (0 if one_call else 2 * len(b.model.encoder.layers))
     assert b.short_batch_tokens == (128 if one_call else None)  # the server's query batches: at most this
     np.testing.assert_allclose(vectors, reference(b.model, short), atol=1e-5, rtol=0)
     assert (b.expert_pairs.sum(1) == 2 * sum(map(len, short))).all()
