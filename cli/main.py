@@ -382,7 +382,7 @@ def build_parser():
     sv.add_argument("--max-batch-tokens", type=int, help="real tokens per forward pass (default: sized at warm-up to --batch-seconds)")
     sv.add_argument("--batch-seconds", type=float,
                     help="target time of one batch when sizing the budget (default 4 with PyTorch, where queries run between two "
-                         "layers of a bulk batch; 1 with --onnx, where a query waits for the batch ahead of it)")
+                         "steps of half a layer of a bulk batch; 1 with --onnx, where a query waits for the batch ahead of it)")
     sv.add_argument("--bulk-share", type=float, default=0.75,
                     help="share of model time bulk work keeps while queries come back to back (default 0.75; 0 = queries always first)")
     sv.add_argument("--query-batch-tokens", type=int,
