@@ -11,12 +11,12 @@ Two ways to keep queries ahead of ingestion, by what the model worker can do:
           waits at most for the one batch already running;
   preempt (a backend that runs a batch in steps: half a layer each) each batch holds one lane only.
           Between two steps of a bulk batch the worker asks `take_queries` and runs the queries'
-          batches whole, so a query waits for one step of bulk work, not one batch. Bulk batches can then be
-          long, where a CPU runs them fastest. Once queries may run, every query waiting at that
-          moment runs (a burst: `more_queries` gives its next batches), so that none waits a second
-          turn behind bulk work. When queries come back to back, `bulk_share` of the model's time
-          stays with bulk work: a burst runs only after bulk has run for bulk_share / (1 - bulk_share)
-          times the last burst's time. A query batch holds at
+          batches whole, so a query waits for one step of bulk work, not one batch. Bulk batches
+          can then be long, where a CPU runs them fastest. Once queries may run, every query waiting
+          at that moment runs (a turn: `more_queries` gives its next batches), so that none waits a
+          second turn behind bulk work. When queries come back to back, `bulk_share` of the model's
+          time stays with bulk work: a turn runs only after bulk has run for
+          bulk_share / (1 - bulk_share) times the last turn's time. A query batch holds at
           most `query_batch_tokens` (where given): the most a backend runs in its fastest path for
           short batches (a CPU kernel's one call for every layer), where a longer batch runs slower
           per token.
@@ -108,8 +108,8 @@ class Batcher:
         self.mixed_fraction = mixed_fraction  # mixed mode: share of the budget a batch with queries in it may fill in all
         self.preempt = preempt
         self.bulk_share = bulk_share
-        self.last_query_seconds = 0.0  # model time of the last burst of query batches: what bulk must run before the next
-        self._burst_end: Optional[int] = None  # while a burst runs: the admission number it stops at (the queries queued before it began)
+        self.last_query_seconds = 0.0  # model time of the last turn of query batches: what bulk must run before the next
+        self._turn_end: Optional[int] = None  # while a turn runs: the admission number it stops at (the queries queued before it began)
         self._admitted = 0  # jobs admitted so far: the next one's seq
         self.max_queue_tokens = max_queue_tokens
         self.starve_after = starve_after
@@ -174,7 +174,7 @@ class Batcher:
 
     def take_queries(self, bulk_seconds: float) -> Optional[Batch]:
         """Preempt mode, between two steps of a bulk batch that has run `bulk_seconds` since the last
-        query batch: the first batch of a burst of queued queries to run now, or None (none waiting, or
+        query batch: the first batch of a turn of the queued queries to run now, or None (none waiting, or
         bulk's share not yet run). The worker then runs `more_queries` until it gives None."""
         with self._cv:
             self._drop_stale()
@@ -182,29 +182,29 @@ class Batcher:
                 return None
             if bulk_seconds < self.bulk_share / (1 - self.bulk_share) * self.last_query_seconds:
                 return None
-            self._burst_end, self.last_query_seconds = self._admitted, 0.0
-            return self._burst_batch()
+            self._turn_end, self.last_query_seconds = self._admitted, 0.0
+            return self._turn_batch()
 
     def more_queries(self) -> Optional[Batch]:
-        """The next batch of the running burst: queries that were queued when it began, or None (the burst is over).
-        Queries that came later wait for bulk's share: a burst is bounded by what was waiting."""
+        """The next batch of the running turn: queries that were queued when it began, or None (the turn is over).
+        Queries that came later wait for bulk's share: a turn is bounded by what was waiting."""
         with self._cv:
             self._drop_stale()
-            return self._burst_batch()
+            return self._turn_batch()
 
-    def _burst_batch(self) -> Optional[Batch]:
-        if self._burst_end is None:
+    def _turn_batch(self) -> Optional[Batch]:
+        if self._turn_end is None:
             return None
         q = self.lanes["query"]
-        if not q or q[0].seq >= self._burst_end:
-            self._burst_end = None
+        if not q or q[0].seq >= self._turn_end:
+            self._turn_end = None
             return None
-        return self._fill(("query",), before=self._burst_end)  # a bulk batch is running: not counted as one that left bulk waiting
+        return self._fill(("query",), before=self._turn_end)  # a bulk batch is running: not counted as one that left bulk waiting
 
     def complete(self, batch: Batch, vectors: np.ndarray, seconds: float) -> None:
         """Hands each job its rows of the batch's output; jobs with every input done are notified."""
-        if batch.lane == "query":  # a burst's batches add up: bulk's share is weighed against the whole burst
-            self.last_query_seconds = (self.last_query_seconds if self._burst_end is not None else 0.0) + seconds
+        if batch.lane == "query":  # a turn's batches add up: bulk's share is weighed against the whole turn
+            self.last_query_seconds = (self.last_query_seconds if self._turn_end is not None else 0.0) + seconds
         row = 0
         for job, lo, hi in batch.parts:
             if job.finished < 0:  # dropped or failed while this chunk ran: its owner has its answer
