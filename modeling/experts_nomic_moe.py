@@ -73,13 +73,22 @@ def experts_dense(x, routing, w1, w2):
 def combine(y_sorted, routing, n_tokens):
     """[N*k, H] rows in expert order -> weighted sum over each token's k slots, [N, H].
 
-    Unsorting into (token, slot) order and summing over slots is deterministic (no atomics) and adds
-    the slots in the same order as the reference.
+    The rows are gathered back slot by slot, [k, N, H], so that the sum over slots adds whole
+    contiguous [N, H] blocks: scattering into (token, slot) order and summing over a middle dim of
+    size k ran 4x (bf16) to 14x (fp32) slower at 4096 tokens on the CPU (a whole batch: 1.00-1.03x
+    faster in bf16, 0.98-1.06x in fp32, Zen 5, RESULTS.md). Deterministic (no atomics):
+    the same products, the slots added in the same order (for top-2, the same bits as that scatter).
     """
-    weighted = y_sorted * routing.sorted_weights()[:, None]  # under autocast: bf16 GEMM output x fp32 weights -> fp32
-    y = torch.empty_like(weighted)
-    y[routing.order] = weighted
-    return y.view(n_tokens, routing.top_k, y.shape[-1]).sum(1)
+    k = routing.top_k
+    pos = torch.empty_like(routing.order)
+    pos[routing.order] = torch.arange(routing.order.numel(), device=pos.device)  # [N*k] sorted row of each (token, slot)
+    y = y_sorted.index_select(0, pos.view(n_tokens, k).T.flatten()).view(k, n_tokens, y_sorted.shape[-1])  # [k, N, H]
+    w = routing.weights.T.unsqueeze(-1)  # [k, N, 1]
+    # in place where autograd needs no copy and no type promotes (under autocast: bf16 GEMM rows x fp32
+    # weights -> fp32): a second [k, N, H] of a long batch costs as much in page faults as the sum
+    in_place = not torch.is_grad_enabled() and torch.promote_types(y.dtype, w.dtype) == y.dtype
+    y = y.mul_(w) if in_place else y * w
+    return y[0] + y[1] if k == 2 else y.sum(0)  # top-2 (the model's): one add, 3.5x faster than sum()'s reduction in bf16
 
 
 def dispatch_sorted(x, routing, n_experts, ffn, grouped=None):

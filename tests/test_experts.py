@@ -105,3 +105,39 @@ def test_backends_under_bf16_autocast(name):
         out = BACKENDS[name](x, routing, w1, w2)
     out.float().sum().backward()
     assert torch.nn.functional.cosine_similarity(out.float(), ref, dim=-1).min() > 0.99 and x.grad is not None
+
+
+def scatter_combine(y_sorted, routing, n_tokens):
+    """The combine as it was: weight in expert order, scatter to (token, slot) order, sum over slots."""
+    weighted = y_sorted * routing.sorted_weights()[:, None]
+    y = torch.empty_like(weighted)
+    y[routing.order] = weighted
+    return y.view(n_tokens, routing.top_k, y.shape[-1]).sum(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [2, 1, 3])
+def test_combine_gathers_slot_by_slot_with_the_scatters_sums(dtype, k):
+    from nomic_moe_modeling.experts_nomic_moe import combine
+
+    x, routing, _, _ = make_case(N=300, k=k, dtype=dtype, seed=k)
+    y_sorted = torch.randn(300 * k, x.shape[1]).to(dtype)
+    with torch.inference_mode():
+        got, ref = combine(y_sorted, routing, 300), scatter_combine(y_sorted, routing, 300)
+    assert got.dtype == ref.dtype == dtype
+    if k <= 2:
+        assert torch.equal(got, ref)  # the same products, the slots added in the same order: the same bits
+    else:
+        torch.testing.assert_close(got, ref, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+    # training: out of place, and the gradients of the scatter's sums
+    y1 = y_sorted.float().requires_grad_(True)
+    w1 = routing.weights.detach().float().requires_grad_(True)
+    y2 = y1.detach().clone().requires_grad_(True)
+    w2 = w1.detach().clone().requires_grad_(True)
+    r1 = type(routing)(routing.logits, w1, routing.experts, routing.order, routing.counts, routing.offsets)
+    r2 = type(routing)(routing.logits, w2, routing.experts, routing.order, routing.counts, routing.offsets)
+    g = torch.randn(300, x.shape[1])
+    (combine(y1, r1, 300) * g).sum().backward()
+    (scatter_combine(y2, r2, 300) * g).sum().backward()
+    torch.testing.assert_close(y1.grad, y2.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(w1.grad, w2.grad, atol=1e-4, rtol=1e-5)
