@@ -49,6 +49,7 @@ from .experts_nomic_moe import (
     experts_graph,
     experts_packed,
     experts_sorted,
+    gelu_,
     pack_experts_for,
     pack_w2,
     run_auto,
@@ -411,7 +412,7 @@ class NomicMoEMLP(nn.Module):
     def forward(self, x: torch.Tensor, packing: Packing):
         if isinstance(self.fc2, Int8Linear):  # int8: the GELU inside the down product's call where the kernel can
             return self.fc2(self.fc1(x), gelu_in=True), None
-        return self.fc2(F.gelu(self.fc1(x))), None
+        return self.fc2(gelu_(self.fc1(x))), None
 
 
 @dataclass
@@ -550,7 +551,7 @@ class NomicMoEExperts(CpuKernels, nn.Module):
         self.last_used = "sorted (packed)"
         ups, downs = self.kernel_groups(kernel)
         return dispatch_by_kernel(x, routing, kernel, lambda xs, bounds: kernel.linear_grouped(
-            F.gelu(kernel.linear_grouped(xs, bounds, ups)), bounds, downs), self.bias)
+            gelu_(kernel.linear_grouped(xs, bounds, ups)), bounds, downs), self.bias)
 
     def kernel_groups(self, kernel):
         """Every expert's up and down matrices in ``kernel``'s layout, as its groups (pack_experts_for),

@@ -141,3 +141,23 @@ def test_combine_gathers_slot_by_slot_with_the_scatters_sums(dtype, k):
     (scatter_combine(y2, r2, 300) * g).sum().backward()
     torch.testing.assert_close(y1.grad, y2.grad, atol=1e-6, rtol=0)
     torch.testing.assert_close(w1.grad, w2.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_gelu_runs_in_place_only_where_nothing_records(monkeypatch):
+    import torch.nn.functional as F
+
+    from nomic_moe_modeling.experts_nomic_moe import gelu_
+
+    h = torch.randn(5, 7)
+    with torch.inference_mode():
+        g = h.clone()
+        out = gelu_(g)
+        assert out.data_ptr() == g.data_ptr() and torch.equal(out, F.gelu(h))  # the same bits, no second tensor
+    leaf = h.clone().requires_grad_(True)
+    out = gelu_(leaf * 1.0)  # autograd records: out of place, and it differentiates
+    out.sum().backward()
+    assert leaf.grad is not None and torch.equal(out.detach(), F.gelu(h))
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    with torch.no_grad():  # an exporter traces it: out of place
+        g = h.clone()
+        assert gelu_(g).data_ptr() != g.data_ptr() and torch.equal(g, h)
