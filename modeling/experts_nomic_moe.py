@@ -131,8 +131,9 @@ def gelu_(h: torch.Tensor) -> torch.Tensor:
     """F.gelu of a product's fresh output, in place where nothing records the graph (inference, eager):
     the same bits without a second [rows, I] tensor, whose page faults cost a long batch more than the
     GELU itself (bf16 at 8192 rows: 15.5 ms, in place 4.1 ms; RESULTS.md)."""
+    compiler = getattr(torch, "compiler", None)
     recording = torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
-        or getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+        or getattr(compiler, "is_compiling", lambda: False)() or getattr(compiler, "is_exporting", lambda: False)()
     return F.gelu(h) if recording else torch.ops.aten.gelu_(h)
 
 
