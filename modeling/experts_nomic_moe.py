@@ -127,14 +127,23 @@ def experts_sorted(x, routing, w1, w2, w2_t=None):
     return dispatch_sorted(x, routing, w1.shape[0], lambda e, rows: expert_ffn(rows, w1, w2, e, w2_t))
 
 
+def is_exporting() -> bool:
+    """True while a graph exporter (TorchScript tracing, torch.onnx, torch.export) runs the model."""
+    compiler_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (compiler_exporting and compiler_exporting()))
+
+
+def records_graph() -> bool:
+    """An exporter or a compiler runs the model: it must see plain operators on the stored weights
+    (no in-place tricks, no opaque packed tensors)."""
+    return is_exporting() or bool(getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)())
+
+
 def gelu_(h: torch.Tensor) -> torch.Tensor:
     """F.gelu of a product's fresh output, in place where nothing records the graph (inference, eager):
     the same bits without a second [rows, I] tensor, whose page faults cost a long batch more than the
     GELU itself (bf16 at 8192 rows: 15.5 ms, in place 4.1 ms; RESULTS.md)."""
-    compiler = getattr(torch, "compiler", None)
-    recording = torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
-        or getattr(compiler, "is_compiling", lambda: False)() or getattr(compiler, "is_exporting", lambda: False)()
-    return F.gelu(h) if recording else torch.ops.aten.gelu_(h)
+    return F.gelu(h) if torch.is_grad_enabled() or records_graph() else torch.ops.aten.gelu_(h)
 
 
 def expert_ffn(rows, w1, w2, e, w2_t=None):
@@ -195,9 +204,8 @@ def can_run_packed(x) -> bool:
     copies hold no autograd history, and a compiler or exporter must see the stored weights, not an
     opaque oneDNN tensor. The device is asked of Target.of, as everywhere, so that a simulated GPU
     (doctor, tests) is honoured."""
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
     packs_dtype = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and bf16_native())
-    return (packs_dtype and not torch.is_grad_enabled() and not compiling and not torch.jit.is_tracing()
+    return (packs_dtype and not torch.is_grad_enabled() and not records_graph()
             and Target.of(x.device, x.dtype).device == "cpu" and packed_available())
 
 

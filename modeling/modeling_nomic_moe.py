@@ -50,6 +50,7 @@ from .experts_nomic_moe import (
     experts_packed,
     experts_sorted,
     gelu_,
+    is_exporting,
     pack_experts_for,
     pack_w2,
     run_auto,
@@ -180,12 +181,6 @@ class Packing:
     def from_attention_layout(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> [N, ...]"""
         return x.flatten(0, 1)[self.attn_index]
-
-
-def is_exporting() -> bool:
-    """True while a graph exporter (TorchScript tracing, torch.onnx, torch.export) runs the model."""
-    compiler_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (compiler_exporting and compiler_exporting()))
 
 
 class NomicMoELinear(CpuKernels, nn.Linear):
